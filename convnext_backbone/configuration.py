@@ -245,6 +245,10 @@ class ConvNextConfig:
             # transformers' ConvNextV2Config has no layer scale.
             args.setdefault("layer_scale_init_value", 0.0)
         args.pop("stage_names", None)
+        # A new label count replaces the stored labels unless new labels come with it.
+        if "num_labels" in overrides and "id2label" not in overrides:
+            args.pop("id2label", None)
+            args.pop("label2id", None)
         # A config.json may carry both, derived from each other; features are enough,
         # unless an override changes one of them.
         if "out_features" in overrides and "out_indices" not in overrides:

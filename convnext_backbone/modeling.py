@@ -208,7 +208,9 @@ class ConvNextPreTrainedModel(nn.Module):
                 LayerNorm2d(cfg.hidden_sizes[i - 1], eps=NORM_EPS),
                 nn.Conv2d(cfg.hidden_sizes[i - 1], cfg.hidden_sizes[i], kernel_size=2, stride=2),
             ))
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        num_blocks = sum(cfg.depths)
+        # Linear stochastic-depth schedule over all blocks (plain Python: works on meta too).
+        rates = [cfg.drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
         self.stages = nn.ModuleList()
         start = 0
         for i, depth in enumerate(cfg.depths):
