@@ -36,6 +36,10 @@ def backbone_demo(out_dir: str) -> None:
 
     backbone = ConvNextBackbone.from_pretrained(
         path, out_features=["stage1", "stage2", "stage3", "stage4"], strict=False).eval()
+    report = backbone.load_report
+    print(f"[backbone] detected format: {report.source_format}; not in the checkpoint "
+          f"(per-stage out norms, left at their LayerNorm init and reported): {report.missing_keys}; "
+          f"ignored (classifier parts): {report.ignored_keys}")
     with torch.no_grad():
         ref = classifier.convnext(torch.zeros(1, 3, 64, 64), output_hidden_states=True)
         out = backbone(torch.zeros(1, 3, 64, 64), output_hidden_states=True)

@@ -1,0 +1,125 @@
+"""mmengine on today's PyTorch: safe resume and atomic checkpoint writes.
+
+1. `enable_safe_resume()`: since torch 2.6, `torch.load` defaults to `weights_only=True`
+   and mmengine 0.10.7's own checkpoints no longer load (its `MessageHub` stores
+   `HistoryBuffer` objects holding numpy arrays, and each buffer pickles its statistics
+   methods as `getattr(HistoryBuffer, 'min')`). Instead of turning `weights_only` off, this
+   allow-lists exactly the globals mmengine writes (`safe_globals()`), and stands in for
+   `builtins.getattr` with a function that resolves only HistoryBuffer's four statistics
+   methods and refuses everything else.
+2. `enable_atomic_checkpoints()`: mmengine writes checkpoints and the `last_checkpoint`
+   pointer with a plain `open(path, 'wb')`, so a run killed mid-write leaves a truncated
+   file that `--resume` then fails on. This makes mmengine's local file backend write to a
+   temporary file in the same folder and `os.replace` it over the target.
+
+`setup_mmengine()` does both; `convnext_backbone.mmseg` and `tools/train.py` call it.
+"""
+from __future__ import annotations
+
+import builtins
+from typing import Any, List, Tuple, Union
+
+import torch
+
+__all__ = ["safe_globals", "enable_safe_resume", "enable_atomic_checkpoints",
+           "setup_mmengine", "restricted_getattr"]
+
+# (owner, attribute) pairs `restricted_getattr` may resolve: HistoryBuffer's default
+# statistics methods, which its __getstate__ pickles by reference.
+_GETATTR_ALLOWED = {("mmengine.logging.history_buffer.HistoryBuffer", "min"),
+                    ("mmengine.logging.history_buffer.HistoryBuffer", "max"),
+                    ("mmengine.logging.history_buffer.HistoryBuffer", "current"),
+                    ("mmengine.logging.history_buffer.HistoryBuffer", "mean")}
+
+
+def restricted_getattr(obj: Any, name: str) -> Any:
+    """`getattr` limited to HistoryBuffer.min/max/current/mean (what mmengine pickles)."""
+    owner = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    if (owner, name) not in _GETATTR_ALLOWED:
+        raise RuntimeError(
+            f"checkpoint asks for getattr({owner!r}, {name!r}); only "
+            f"{sorted(n for _, n in _GETATTR_ALLOWED)} of HistoryBuffer are allowed in a "
+            f"weights_only load")
+    return builtins.getattr(obj, name)
+
+
+def safe_globals() -> List[Union[Any, Tuple[Any, str]]]:
+    """The globals (and `(object, "name in the pickle")` aliases) an mmengine checkpoint
+    needs, in the form `torch.serialization.add_safe_globals` takes."""
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    try:
+        core = np._core.multiarray  # numpy >= 2
+        core_name = "numpy._core.multiarray"
+    except AttributeError:  # numpy 1.x
+        core = np.core.multiarray
+        core_name = "numpy.core.multiarray"
+    other_core = "numpy.core.multiarray" if core_name == "numpy._core.multiarray" else "numpy._core.multiarray"
+    out: List[Union[Any, Tuple[Any, str]]] = [
+        HistoryBuffer,
+        # numpy arrays and scalars inside HistoryBuffer / runtime info
+        core._reconstruct, np.ndarray, np.dtype, core.scalar,
+        # checkpoints written under the other numpy major version
+        (core._reconstruct, f"{other_core}._reconstruct"), (core.scalar, f"{other_core}.scalar"),
+        # the pickled statistics methods: getattr(HistoryBuffer, 'min'), restricted
+        (restricted_getattr, "builtins.getattr"), (restricted_getattr, "__builtin__.getattr"),
+    ]
+    # numpy >= 1.25 pickles a dtype through its class (np.dtypes.Float64DType, ...).
+    dtypes_mod = getattr(np, "dtypes", None)
+    if dtypes_mod is not None:
+        for dt in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8,
+                   np.uint8, np.bool_):
+            out.append(type(np.dtype(dt)))
+    return out
+
+
+_SAFE_RESUME_ENABLED = False
+_ATOMIC_ENABLED = False
+
+
+def enable_safe_resume() -> None:
+    """Allow-lists mmengine's checkpoint globals for `weights_only=True` loads (idempotent).
+
+    `weights_only` stays on: nothing but these globals is allowed."""
+    global _SAFE_RESUME_ENABLED
+    if _SAFE_RESUME_ENABLED:
+        return
+    if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+        torch.serialization.add_safe_globals(safe_globals())
+    _SAFE_RESUME_ENABLED = True
+
+
+def enable_atomic_checkpoints() -> None:
+    """Makes mmengine's local file writes (checkpoints, `last_checkpoint`) atomic (idempotent)."""
+    global _ATOMIC_ENABLED
+    if _ATOMIC_ENABLED:
+        return
+    from mmengine.fileio.backends.local_backend import LocalBackend
+
+    from .io_utils import atomic_write
+
+    def put(self: Any, obj: bytes, filepath: Any) -> None:
+        def _write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(obj)
+        atomic_write(filepath, _write)
+
+    def put_text(self: Any, obj: str, filepath: Any, encoding: str = "utf-8") -> None:
+        def _write(tmp: str) -> None:
+            with open(tmp, "w", encoding=encoding) as f:
+                f.write(obj)
+        atomic_write(filepath, _write)
+
+    put.__doc__ = "Atomic `LocalBackend.put` (temporary file + os.replace; convnext_backbone)."
+    put_text.__doc__ = "Atomic `LocalBackend.put_text` (temporary file + os.replace; convnext_backbone)."
+    LocalBackend.put = put  # type: ignore[assignment]
+    LocalBackend.put_text = put_text  # type: ignore[assignment]
+    _ATOMIC_ENABLED = True
+
+
+def setup_mmengine() -> None:
+    """`enable_safe_resume()` and `enable_atomic_checkpoints()`."""
+    enable_safe_resume()
+    enable_atomic_checkpoints()
+
