@@ -158,8 +158,13 @@ def _load_with_numpy_metadata(path: str, map_location: Any, error: Exception) ->
             except pickle.UnpicklingError as retry_error:
                 error = retry_error
     refs = [n for n in names if not _DATA_ONLY_GLOBALS.match(n)] if names else []
-    detail = (f" It references: {', '.join(refs[:8])}." if refs else
-              " " + re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()[0])
+    if refs:
+        detail = f" It references: {', '.join(refs[:8])}."
+    else:
+        # torch's message starts with boilerplate; the line naming what was refused is inside.
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if ln.strip()]
+        named = [ln for ln in lines if re.search(r"GLOBAL|Unsupported|getattr\(|not allowed", ln)]
+        detail = " " + (named[0] if named else lines[0] if lines else "").rstrip(".") + "."
     raise UnsafeCheckpointError(
         f"Refusing to load {path!r}: it is a pickle that needs code to load, and loading "
         f"it would run that code.{detail} Only tensors, plain containers and numpy data are "

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import builtins
+import pickle
 from typing import Any, List, Tuple, Union
 
 import torch
@@ -36,7 +37,8 @@ def restricted_getattr(obj: Any, name: str) -> Any:
     """`getattr` limited to HistoryBuffer.min/max/current/mean (what mmengine pickles)."""
     owner = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     if (owner, name) not in _GETATTR_ALLOWED:
-        raise RuntimeError(
+        # An UnpicklingError, so callers report it like any other refused global.
+        raise pickle.UnpicklingError(
             f"checkpoint asks for getattr({owner!r}, {name!r}); only "
             f"{sorted(n for _, n in _GETATTR_ALLOWED)} of HistoryBuffer are allowed in a "
             f"weights_only load")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import ops as _ops
 from .configuration import ConvNextConfig
 from .outputs import (BackboneOutput, BaseModelOutputWithPoolingAndNoAttention,
                       ImageClassifierOutputWithNoAttention)
@@ -125,6 +126,10 @@ class ConvNextBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Fused Triton fast path (CUDA + Triton, V1 block options); identical parameters,
+        # outputs within rounding. CONVNEXT_FAST_PATH=0 forces the code below.
+        if _ops.use_fast_path(self, x):
+            return _ops.block_forward(self, x)
         shortcut = x
         x = self.dwconv(x)
         x = x.permute(0, 2, 3, 1)
@@ -160,18 +165,18 @@ def _check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> torch.
 
 @torch.fx.wrap
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    pad_h = -x.shape[-2] % multiple
-    pad_w = -x.shape[-1] % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
+    # Branch-free, non-negative arithmetic: torch.export / the ONNX exporter with dynamic
+    # H, W would otherwise bake in the example input's branch, and lower Python's modulo
+    # of a negative size wrongly (silently wrong shapes for other input sizes).
+    pad_h = (multiple - x.shape[-2] % multiple) % multiple
+    pad_w = (multiple - x.shape[-1] % multiple) % multiple
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
 @torch.fx.wrap
 def _crop_to_stride(x: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
-    out_h, out_w = -(-height // stride), -(-width // stride)
-    if x.shape[-2] == out_h and x.shape[-1] == out_w:
-        return x
+    # Always slice (a free view when nothing is cropped); see _pad_to_multiple for why.
+    out_h, out_w = (height + stride - 1) // stride, (width + stride - 1) // stride
     return x[:, :, :out_h, :out_w]
 
 

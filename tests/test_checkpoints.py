@@ -338,20 +338,37 @@ def test_malicious_pickle_is_refused(tmp_path) -> None:
     assert not marker.exists()
 
 
+class _GetattrGadget:
+    """Pickles as `getattr(numpy.ndarray, 'tofile')`: a function reached through getattr."""
+
+    def __reduce__(self):
+        import numpy
+        return (getattr, (numpy.ndarray, "tofile"))
+
+
 def test_numpy_metadata_is_accepted_code_is_not(tmp_path) -> None:
     """Training frameworks store numpy scalars/arrays in `meta`: data only, accepted.
-    mmengine's message hub pickles functions through `builtins.getattr`: refused."""
+    A function reached through `builtins.getattr` is refused, also once mmengine's
+    checkpoints are allow-listed (that allows only HistoryBuffer's statistics)."""
     np = pytest.importorskip("numpy")
     sd = canonical_state_dict(_classifier())
     torch.save({"meta": {"seed": np.int64(3), "lr": np.float64(1e-4), "hist": np.arange(4.0)},
                 "state_dict": sd}, tmp_path / "np_meta.pth")
     _same(load_checkpoint(tmp_path / "np_meta.pth"), sd)
+    torch.save({"meta": {"x": _GetattrGadget()}, "state_dict": sd}, tmp_path / "gadget.pth")
+    with pytest.raises(UnsafeCheckpointError, match="builtins.getattr"):
+        load_checkpoint(tmp_path / "gadget.pth")
+
     mmengine_logging = pytest.importorskip("mmengine.logging")
+    from convnext_backbone.mmengine_utils import setup_mmengine
+
+    setup_mmengine()
     buffer = mmengine_logging.HistoryBuffer()
     buffer.update(0.5)
     torch.save({"meta": {"message_hub": {"loss": buffer}}, "state_dict": sd}, tmp_path / "mmengine.pth")
-    with pytest.raises(UnsafeCheckpointError, match="builtins.getattr"):
-        load_checkpoint(tmp_path / "mmengine.pth")
+    _same(load_checkpoint(tmp_path / "mmengine.pth"), sd)
+    with pytest.raises(UnsafeCheckpointError, match=r"getattr\('numpy.ndarray', 'tofile'\)"):
+        load_checkpoint(tmp_path / "gadget.pth")
 
 
 # --- load_into: strict / non-strict ------------------------------------------------------

@@ -109,7 +109,7 @@ def test_fx_symbolic_trace_matches_eager(backbone):
         x = _inputs(shape, seed=i)
         with torch.no_grad():
             out = traced(x)
-        assert _max_diff(out["feature_maps"], _eager(backbone, x)) == 0.0
+        assert _max_diff(out["feature_maps"], _eager(backbone, x)) <= 1e-5  # same ops; kernels may differ in the last bit
 
 
 def test_fx_trace_tuple_output_with_hidden_states(backbone):
@@ -119,8 +119,8 @@ def test_fx_trace_tuple_output_with_hidden_states(backbone):
     with torch.no_grad():
         maps, hidden = traced(x, True, False)
         ref = backbone(x, output_hidden_states=True)
-    assert _max_diff(maps, ref.feature_maps) == 0.0
-    assert _max_diff(hidden, ref.hidden_states) == 0.0
+    assert _max_diff(maps, ref.feature_maps) <= 1e-5  # same ops; kernels may differ in the last bit
+    assert _max_diff(hidden, ref.hidden_states) <= 1e-5  # same ops; kernels may differ in the last bit
 
 
 def test_create_feature_extractor_matches_eager(backbone):
@@ -134,7 +134,7 @@ def test_create_feature_extractor_matches_eager(backbone):
         with torch.no_grad():
             feats = extractor(x)
         assert list(feats) == STAGES
-        assert _max_diff(list(feats.values()), _eager(backbone, x)) == 0.0
+        assert _max_diff(list(feats.values()), _eager(backbone, x)) <= 1e-5  # same ops; kernels may differ in the last bit
     # Raw (un-normed) stage outputs through their crop nodes equal hidden_states.
     crops = {"_crop_to_stride_1": "stage1", "_crop_to_stride_4": "stage4"}
     raw = feature_extraction.create_feature_extractor(backbone, return_nodes=crops, concrete_args=FX_CONCRETE)
@@ -142,7 +142,7 @@ def test_create_feature_extractor_matches_eager(backbone):
     with torch.no_grad():
         hidden = backbone(x, output_hidden_states=True).hidden_states
         feats = raw(x)
-    assert _max_diff([feats["stage1"], feats["stage4"]], [hidden[1], hidden[4]]) == 0.0
+    assert _max_diff([feats["stage1"], feats["stage4"]], [hidden[1], hidden[4]]) <= 1e-5  # same ops; kernels may differ in the last bit
 
 
 # --- ONNX --------------------------------------------------------------------------

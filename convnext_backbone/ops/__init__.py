@@ -1,0 +1,124 @@
+"""Fused fast path of the ConvNeXt block (Triton kernels + torch custom ops).
+
+`ConvNextBlock.forward` calls `use_fast_path(block, x)` and, when it says yes, runs
+`block_forward(block, x)`; otherwise the pure-PyTorch reference code. Nothing for the
+user to do: the fast path is taken for CUDA tensors when Triton imports, for V1 blocks
+(layer scale on, exact GELU, no GRN) and when drop path is inactive; everything else
+(CPU, ONNX export, torch.fx tracing, TorchScript, V2/GRN, other activations) runs the
+reference path. Parameter names and checkpoints are the same on both paths.
+
+Switches (for benchmarks and debugging):
+  - environment variable ``CONVNEXT_FAST_PATH=0`` turns the fast path off (read at import
+    and by `refresh_from_env()`);
+  - ``with convnext_backbone.ops.fast_path(False): ...`` turns it off (or on) in a block;
+  - ``CONVNEXT_DWCONV=cudnn|triton`` picks the depthwise-conv kernels (default cudnn).
+    Under torch.compile the setting in force when the graph is traced is baked into it.
+
+This module imports only torch; Triton is imported on first use.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["fast_path", "fast_path_enabled", "fast_path_available", "use_fast_path",
+           "block_forward", "block_supported", "refresh_from_env"]
+
+
+def _env_enabled() -> bool:
+    return os.environ.get("CONVNEXT_FAST_PATH", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_ENABLED = _env_enabled()
+_TRITON_OK: Optional[bool] = None
+# Triton's interpreter runs the kernels on CPU tensors: lets CPU-only CI check the kernels'
+# arithmetic (slowly, on tiny shapes). Read once at import, like Triton itself does.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def refresh_from_env() -> bool:
+    """Re-reads ``CONVNEXT_FAST_PATH``; returns whether the fast path is enabled."""
+    global _ENABLED
+    _ENABLED = _env_enabled()
+    return _ENABLED
+
+
+def fast_path_enabled() -> bool:
+    """Whether the fast path is switched on (it still needs CUDA and Triton)."""
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def fast_path(enabled: bool = True) -> Iterator[None]:
+    """Context manager that switches the fast path on or off, restoring it afterwards.
+
+    Args:
+        enabled: False forces the pure-PyTorch reference path.
+    """
+    global _ENABLED
+    prev = _ENABLED
+    _ENABLED = bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED = prev
+
+
+@torch.compiler.assume_constant_result
+def _triton_ok() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        ok = importlib.util.find_spec("triton") is not None and (
+            torch.cuda.is_available() or _INTERPRET)
+        if ok:
+            try:
+                from . import _kernels  # noqa: F401  (compiles nothing yet; checks the import)
+                from . import block  # noqa: F401  (registers the custom ops)
+            except Exception:  # noqa: BLE001 - a broken Triton install means "no fast path"
+                ok = False
+        _TRITON_OK = ok
+    return _TRITON_OK
+
+
+def fast_path_available(x: torch.Tensor) -> bool:
+    """Whether a tensor like `x` would take the fast path (ignoring the block's options)."""
+    # The kernels index with int32 offsets.
+    return (_ENABLED and (x.is_cuda or _INTERPRET) and x.dim() == 4 and x.is_floating_point()
+            and x.numel() < 2**31 and _triton_ok())
+
+
+def block_supported(block: nn.Module) -> bool:
+    """Whether a `ConvNextBlock`'s options are covered by the fused kernels."""
+    act = getattr(block, "act", None)
+    dw = getattr(block, "dwconv", None)
+    drop = getattr(block, "drop_path", None)
+    drop_active = block.training and getattr(drop, "drop_prob", 0.0) > 0
+    return (getattr(block, "grn", None) is None and getattr(block, "gamma", None) is not None
+            and isinstance(act, nn.GELU) and act.approximate == "none"
+            and isinstance(dw, nn.Conv2d) and tuple(dw.kernel_size) == (7, 7)
+            and tuple(dw.padding) == (3, 3) and tuple(dw.stride) == (1, 1)
+            and tuple(dw.dilation) == (1, 1) and dw.groups == dw.in_channels == dw.out_channels
+            and dw.bias is not None and not drop_active)
+
+
+def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
+    """The dispatch decision of `ConvNextBlock.forward`."""
+    if not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy):
+        return False
+    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+        return False
+    if torch.onnx.is_in_onnx_export():
+        return False
+    return block_supported(block) and fast_path_available(x)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs `block` through the fused custom ops (see `convnext_backbone.ops.block`)."""
+    from .block import block_forward as _impl
+
+    return _impl(block, x)

@@ -1,0 +1,276 @@
+"""Triton kernels of the fused ConvNeXt block (imported only when Triton is present).
+
+Every kernel works on NHWC activations flattened to (pixels, channels), channels
+contiguous, so a channels_last NCHW tensor is used in place with no permute copy.
+Accumulation is fp32 whatever the storage dtype.
+
+- `dwconv7`: depthwise 7x7 conv (+bias) over NHWC; optionally fused with the channels
+  LayerNorm that follows it (forward), or with flipped taps and a residual add (the
+  input gradient of the conv, plus the block's shortcut gradient).
+- `dwconv7_wgrad`: weight and bias gradients of the depthwise conv, one program per
+  (kernel row, chunk of image rows, channel block), partial sums reduced by torch.
+- `ln_bwd`: LayerNorm backward from the saved pre-norm activation and per-pixel
+  mean / rstd; also rebuilds the LayerNorm output (needed by pwconv1's weight gradient)
+  so that it never has to be kept from the forward pass.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd"]
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def _dwconv7_kernel(src_ptr, w_ptr, b_ptr, res_ptr, y_ptr, xn_ptr, lnw_ptr, lnb_ptr,
+                    mean_ptr, rstd_ptr, H, W, C, eps,
+                    FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                    DO_LN: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Offsets are int32 (the wrapper checks pixels * C < 2**31): the address arithmetic per
+    # tap is one add on a precomputed tile of offsets plus a scalar.
+    row = tl.program_id(0)  # n * H + h
+    wb = tl.program_id(1)
+    cb = tl.program_id(2)
+    h = row % H
+    offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    wmask = offs_w < W
+    optrs = (row * W + offs_w)[:, None] * C + offs_c[None, :]
+    acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    for kh in tl.static_range(7):
+        dh = (3 - kh) if FLIP else (kh - 3)
+        hvalid = (h + dh >= 0) & (h + dh < H)
+        for kw in tl.static_range(7):
+            dw = (3 - kw) if FLIP else (kw - 3)
+            m = hvalid & (offs_w + dw >= 0) & (offs_w + dw < W)
+            v = tl.load(src_ptr + (optrs + (dh * W + dw) * C), mask=m[:, None] & cmask[None, :],
+                        other=0.0)
+            wt = tl.load(w_ptr + (kh * 7 + kw) * C + offs_c, mask=cmask, other=0.0)
+            acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    omask = wmask[:, None] & cmask[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + optrs, mask=omask, other=0.0).to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + optrs, y, mask=omask)
+    if DO_LN:
+        # Statistics of the stored (rounded) activation, as the unfused path computes them
+        # and as the backward pass will see it.
+        out_pix = row * W + offs_w
+        yf = tl.where(cmask[None, :], y.to(tl.float32), 0.0)
+        mean = tl.sum(yf, axis=1) / C
+        d = tl.where(cmask[None, :], yf - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
+        lw = tl.load(lnw_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+        lb = tl.load(lnb_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+        xn = d * rstd[:, None] * lw[None, :] + lb[None, :]
+        tl.store(xn_ptr + optrs, xn.to(xn_ptr.dtype.element_ty), mask=omask)
+        tl.store(mean_ptr + out_pix, mean, mask=wmask)
+        tl.store(rstd_ptr + out_pix, rstd, mask=wmask)
+
+
+@triton.jit
+def _tap(x_ptr, offs, ww, d: tl.constexpr, W, C, hvalid, gmask):
+    m = hvalid & (ww + d >= 0) & (ww + d < W)
+    v = tl.load(x_ptr + (offs + d * C), mask=m[:, None] & gmask, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _dwconv7_wgrad_kernel(dy_ptr, x_ptr, part_ptr, NH, H, W, C, rows_per_prog,
+                          BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    kh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cb = tl.program_id(2)
+    nchunks = tl.num_programs(1)
+    dh = kh - 3
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    offs_w = tl.arange(0, BLOCK_W)
+    a0 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a4 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a5 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    a6 = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    ab = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    r_start = chunk * rows_per_prog
+    r_end = tl.minimum(r_start + rows_per_prog, NH)
+    for r in range(r_start, r_end):
+        h = r % H
+        hh = h + dh
+        hvalid = (hh >= 0) & (hh < H)
+        dst_row = (r + 0 * dh) * W
+        for w0 in range(0, W, BLOCK_W):
+            ww = w0 + offs_w
+            gmask = (ww < W)[:, None] & cmask[None, :]
+            goffs = (dst_row + ww)[:, None] * C + offs_c[None, :]
+            g = tl.load(dy_ptr + goffs, mask=gmask, other=0.0).to(tl.float32)
+            xoffs = goffs + dh * W * C
+            a0 += g * _tap(x_ptr, xoffs, ww, -3, W, C, hvalid, gmask)
+            a1 += g * _tap(x_ptr, xoffs, ww, -2, W, C, hvalid, gmask)
+            a2 += g * _tap(x_ptr, xoffs, ww, -1, W, C, hvalid, gmask)
+            a3 += g * _tap(x_ptr, xoffs, ww, 0, W, C, hvalid, gmask)
+            a4 += g * _tap(x_ptr, xoffs, ww, 1, W, C, hvalid, gmask)
+            a5 += g * _tap(x_ptr, xoffs, ww, 2, W, C, hvalid, gmask)
+            a6 += g * _tap(x_ptr, xoffs, ww, 3, W, C, hvalid, gmask)
+            ab += g
+    # part layout: (chunk, kh, 8, C); slot 7 holds the bias gradient.
+    base = part_ptr + ((chunk * 7 + kh) * 8) * C + offs_c
+    tl.store(base + 0 * C, tl.sum(a0, axis=0), mask=cmask)
+    tl.store(base + 1 * C, tl.sum(a1, axis=0), mask=cmask)
+    tl.store(base + 2 * C, tl.sum(a2, axis=0), mask=cmask)
+    tl.store(base + 3 * C, tl.sum(a3, axis=0), mask=cmask)
+    tl.store(base + 4 * C, tl.sum(a4, axis=0), mask=cmask)
+    tl.store(base + 5 * C, tl.sum(a5, axis=0), mask=cmask)
+    tl.store(base + 6 * C, tl.sum(a6, axis=0), mask=cmask)
+    tl.store(base + 7 * C, tl.sum(ab, axis=0), mask=cmask)
+
+
+@triton.jit
+def _ln_bwd_kernel(y_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr, xn_ptr,
+                   part_ptr, P, C, tiles_per_prog,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    lw = tl.load(lnw_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    lb = tl.load(lnb_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for t in range(0, tiles_per_prog):
+        p = (pid * tiles_per_prog + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pm = p < P
+        m = pm[:, None] & cmask[None, :]
+        ptrs = p[:, None] * C + offs_c[None, :]
+        y = tl.load(y_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(dxn_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + p, mask=pm, other=0.0)
+        rstd = tl.load(rstd_ptr + p, mask=pm, other=0.0)
+        xhat = tl.where(m, (y - mean[:, None]) * rstd[:, None], 0.0)
+        wg = g * lw[None, :]
+        c1 = tl.sum(xhat * wg, axis=1) / C
+        c2 = tl.sum(wg, axis=1) / C
+        dy = (wg - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(dy_ptr + ptrs, dy.to(dy_ptr.dtype.element_ty), mask=m)
+        xn = xhat * lw[None, :] + lb[None, :]
+        tl.store(xn_ptr + ptrs, xn.to(xn_ptr.dtype.element_ty), mask=m)
+        dw_acc += g * xhat
+        db_acc += g
+    tl.store(part_ptr + (pid * 2) * C + offs_c, tl.sum(dw_acc, axis=0), mask=cmask)
+    tl.store(part_ptr + (pid * 2 + 1) * C + offs_c, tl.sum(db_acc, axis=0), mask=cmask)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _conv_tile(C: int, W: int, full_c: bool) -> Tuple[int, int, int]:
+    """(BLOCK_W, BLOCK_C, num_warps): about 4096 elements a program."""
+    block_c = _pow2(C) if full_c else min(_pow2(C), 128)
+    block_w = max(1, min(_pow2(W), 4096 // block_c))
+    num_warps = 8 if block_w * block_c >= 4096 else 4
+    return block_w, block_c, num_warps
+
+
+def dwconv7(src: torch.Tensor, weight_taps: torch.Tensor, bias: Optional[torch.Tensor],
+            N: int, H: int, W: int, C: int, out_dtype: torch.dtype, *, flip: bool = False,
+            residual: Optional[torch.Tensor] = None, ln: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+            ln_dtype: Optional[torch.dtype] = None):
+    """Depthwise 7x7 conv (padding 3) over NHWC pixels.
+
+    Args:
+        src: (N*H*W, C) contiguous.
+        weight_taps: (49, C) contiguous, tap kh*7+kw.
+        bias: (C,) or None.
+        N, H, W, C: the NHWC shape.
+        out_dtype: dtype of the conv output.
+        flip: use mirrored taps (the conv's input gradient).
+        residual: (N*H*W, C) added to the output.
+        ln: (weight, bias, eps) of a LayerNorm over C fused after the conv; then returns
+            (y, xn, mean, rstd) instead of y.
+        ln_dtype: dtype of the LayerNorm output (default out_dtype).
+    """
+    P = N * H * W
+    y = torch.empty((P, C), device=src.device, dtype=out_dtype)
+    block_w, block_c, num_warps = _conv_tile(C, W, full_c=ln is not None)
+    if ln is not None:
+        xn = torch.empty((P, C), device=src.device, dtype=ln_dtype or out_dtype)
+        mean = torch.empty((P,), device=src.device, dtype=torch.float32)
+        rstd = torch.empty((P,), device=src.device, dtype=torch.float32)
+        lnw, lnb, eps = ln
+    else:
+        xn = mean = rstd = lnw = lnb = y
+        eps = 0.0
+    grid = (N * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
+    _dwconv7_kernel[grid](src, weight_taps, bias if bias is not None else y,
+                          residual if residual is not None else y, y, xn, lnw, lnb, mean, rstd,
+                          H, W, C, eps, FLIP=flip, HAS_BIAS=bias is not None,
+                          HAS_RES=residual is not None, DO_LN=ln is not None,
+                          BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+    if ln is not None:
+        return y, xn, mean, rstd
+    return y
+
+
+def dwconv7_wgrad(dy: torch.Tensor, x: torch.Tensor, N: int, H: int, W: int,
+                  C: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of a depthwise 7x7 conv's weight, as (49, C) taps, and bias (C,), fp32.
+
+    Args:
+        dy: (N*H*W, C) output gradient, contiguous.
+        x: (N*H*W, C) conv input, contiguous.
+    """
+    block_c = min(_pow2(C), 64 if C % 64 == 0 else 32)
+    block_w = max(1, min(_pow2(W), 1024 // block_c))
+    cblocks = triton.cdiv(C, block_c)
+    NH = N * H
+    target = max(1, (8 * _num_sms(dy.device)) // (7 * cblocks))
+    rows_per_prog = triton.cdiv(NH, min(NH, target))
+    nchunks = triton.cdiv(NH, rows_per_prog)
+    part = torch.empty((nchunks, 7, 8, C), device=dy.device, dtype=torch.float32)
+    _dwconv7_wgrad_kernel[(7, nchunks, cblocks)](dy, x, part, NH, H, W, C, rows_per_prog,
+                                                 BLOCK_W=block_w, BLOCK_C=block_c,
+                                                 num_warps=4)
+    s = part.sum(0)  # (7, 8, C)
+    return s[:, :7, :].reshape(49, C), s[0, 7, :].clone()
+
+
+def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+           lnw: torch.Tensor, lnb: torch.Tensor, dy_dtype: torch.dtype
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm backward over C of (P, C) rows; returns (dy, xn, dweight, dbias).
+
+    Args:
+        y: (P, C) the LayerNorm's input. dxn: (P, C) gradient of its output.
+        mean, rstd: (P,) fp32 statistics from the forward pass.
+        lnw, lnb: (C,) affine parameters. dy_dtype: dtype of the returned input gradient.
+    """
+    P, C = y.shape
+    block_c = _pow2(C)
+    block_p = max(1, min(_pow2(P), 4096 // block_c))
+    tiles = triton.cdiv(P, block_p)
+    progs = min(tiles, 4 * _num_sms(y.device))
+    tiles_per_prog = triton.cdiv(tiles, progs)
+    progs = triton.cdiv(tiles, tiles_per_prog)
+    dy = torch.empty((P, C), device=y.device, dtype=dy_dtype)
+    xn = torch.empty((P, C), device=y.device, dtype=y.dtype)
+    part = torch.empty((progs, 2, C), device=y.device, dtype=torch.float32)
+    _ln_bwd_kernel[(progs,)](y, dxn, mean, rstd, lnw, lnb, dy, xn, part, P, C, tiles_per_prog,
+                             BLOCK_P=block_p, BLOCK_C=block_c,
+                             num_warps=8 if block_p * block_c >= 4096 else 4)
+    s = part.sum(0)
+    return dy, xn, s[0].clone(), s[1].clone()

@@ -1,0 +1,242 @@
+"""The fused ConvNeXt block as torch custom ops (`convnext_backbone::block_fwd` /
+`block_bwd`), with fake (meta) implementations and autograd registration, so that eager
+mode, torch.compile (no graph break: the ops are opaque nodes) and activation
+checkpointing all run the same kernels.
+
+Forward, on NHWC pixels (a channels_last NCHW tensor, no permute copy):
+    y = dwconv7x7(x) + b            cuDNN (default) or Triton fused with the LayerNorm
+    xn = LayerNorm_C(y)             (mean, rstd per pixel kept, xn discarded)
+    h = xn @ W1^T + b1              cuBLAS
+    z = gelu(h) @ W2^T + b2         aten gelu, cuBLAS
+    out = x + gamma * z             one elementwise pass (aten addcmul)
+Saved for backward: the conv input (x, or its bf16 copy with cuDNN under autocast), y, h,
+mean, rstd. Backward: LayerNorm backward in Triton (rebuilding xn), the conv's gradients
+with cuDNN (`CONVNEXT_DWCONV=cudnn`, default) or Triton (`=triton`). Not saved:
+xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's gradient
+is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product that
+W2's gradient needs anyway). No matmul is recomputed.
+
+Compute dtype: the autocast dtype when autocast is on (as the reference path's Linear
+layers), else the input's dtype; the output (the residual stream) has the reference's
+dtype, promote(x, gamma, compute dtype).
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN"]
+
+CONV_TRITON = 0
+CONV_CUDNN = 1
+
+
+def conv_impl() -> int:
+    """Which kernel runs the depthwise conv: ``CONVNEXT_DWCONV=cudnn|triton``.
+
+    Default cuDNN: on an H100 (bf16, ConvNeXt-T shapes) the Triton conv kernels were on par
+    with cuDNN at C=96/192/768 but pathologically slow at C=384 (6.9 ms against 0.19 ms for
+    32x384x32x32), so the whole block ran 2x slower with them; the Triton LayerNorm
+    backward is used with either."""
+    name = os.environ.get("CONVNEXT_DWCONV", "cudnn").strip().lower()
+    if name not in ("triton", "cudnn"):
+        raise ValueError(f"CONVNEXT_DWCONV must be 'triton' or 'cudnn', got {name!r}")
+    return CONV_CUDNN if name == "cudnn" else CONV_TRITON
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """(P, C) view of an NCHW tensor's pixels; a copy only if it is not channels_last."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _empty_nchw_channels_last(like: Tensor, shape: Tuple[int, int, int, int],
+                              dtype: torch.dtype) -> Tensor:
+    n, c, h, w = shape
+    return like.new_empty((n, h, w, c), dtype=dtype).permute(0, 3, 1, 2)
+
+
+def _out_dtype(x: Tensor, gamma: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x.dtype, gamma.dtype), compute_dtype)
+
+
+@torch.library.custom_op("convnext_backbone::block_fwd", mutates_args=())
+def block_fwd(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+              w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma: Tensor, eps: float,
+              compute_dtype: torch.dtype, conv_impl: int
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, y, h, mean, rstd, xs); only `out` is the block's result, the rest is
+    what backward needs (`xs`: the conv input in the compute dtype when cuDNN runs the
+    depthwise conv and x has another dtype, else empty)."""
+    from . import _kernels
+
+    n, c, hh, ww = x.shape
+    p = n * hh * ww
+    cdt = compute_dtype
+    with torch.autocast(x.device.type, enabled=False):
+        xf = _nhwc(x)
+        if not xf.is_contiguous():
+            xf = xf.contiguous()
+        xs = x.new_empty((0,), dtype=cdt)
+        if conv_impl == CONV_CUDNN:
+            xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
+            if x.dtype != cdt:
+                xs = xc
+            y4 = F.conv2d(xc, dw_weight.to(cdt), dw_bias.to(cdt), padding=3, groups=c)
+            y = _nhwc(y4.contiguous(memory_format=torch.channels_last))
+            xn, mean, rstd = torch.native_layer_norm(y, [c], ln_weight.to(cdt), ln_bias.to(cdt),
+                                                     eps)
+            mean, rstd = mean.view(p).float(), rstd.view(p).float()
+        else:
+            taps = dw_weight.reshape(c, 49).t().contiguous()
+            y, xn, mean, rstd = _kernels.dwconv7(xf, taps, dw_bias, n, hh, ww, c, cdt,
+                                                 ln=(ln_weight, ln_bias, eps))
+        h = torch.addmm(b1.to(cdt), xn, w1.to(cdt).t())
+        del xn
+        z = torch.addmm(b2.to(cdt), F.gelu(h), w2.to(cdt).t())
+        out = _empty_nchw_channels_last(x, (n, c, hh, ww), _out_dtype(x, gamma, cdt))
+        torch.addcmul(xf, z, gamma, out=out.permute(0, 2, 3, 1).view(p, c))
+    return out, y, h, mean, rstd, xs
+
+
+@block_fwd.register_fake
+def _block_fwd_fake(x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps,
+                    compute_dtype, conv_impl):
+    n, c, hh, ww = x.shape
+    p = n * hh * ww
+    out = _empty_nchw_channels_last(x, (n, c, hh, ww), _out_dtype(x, gamma, compute_dtype))
+    y = x.new_empty((p, c), dtype=compute_dtype)
+    h = x.new_empty((p, w1.shape[0]), dtype=compute_dtype)
+    mean = x.new_empty((p,), dtype=torch.float32)
+    rstd = x.new_empty((p,), dtype=torch.float32)
+    if conv_impl == CONV_CUDNN and x.dtype != compute_dtype:
+        xs = _empty_nchw_channels_last(x, (n, c, hh, ww), compute_dtype)
+    else:
+        xs = x.new_empty((0,), dtype=compute_dtype)
+    return out, y, h, mean, rstd, xs
+
+
+@torch.library.custom_op("convnext_backbone::block_bwd", mutates_args=())
+def block_bwd(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
+              dw_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor,
+              w2: Tensor, b2: Tensor, gamma: Tensor, conv_impl: int, dx_dtype: torch.dtype
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                         Tensor]:
+    """Gradients (x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma)."""
+    from . import _kernels
+
+    n, c, hh, ww = x.shape
+    p = n * hh * ww
+    cdt = y.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        do = _nhwc(dout)
+        if not do.is_contiguous():
+            do = do.contiguous()
+        do_c = do.to(cdt)
+        gam = gamma.float()
+        # pwconv2 and layer scale: one product dout^T gelu(h) serves W2 and gamma.
+        m = torch.mm(do_c.t(), F.gelu(h)).float()  # (C, 4C)
+        dsum = do.sum(0, dtype=torch.float32)
+        dw2 = m * gam[:, None]
+        db2 = gam * dsum
+        dgamma = (m * w2.float()).sum(1) + b2.float() * dsum
+        del m
+        dg = torch.mm(do_c, (w2.float() * gam[:, None]).to(cdt))  # (P, 4C)
+        dh = torch.ops.aten.gelu_backward(dg, h)
+        del dg
+        db1 = dh.sum(0, dtype=torch.float32)
+        dxn = torch.mm(dh, w1.to(cdt))  # (P, C)
+        dy, xn, dlnw, dlnb = _kernels.ln_bwd(y, dxn, mean, rstd, ln_weight, ln_bias, cdt)
+        del dxn
+        dw1 = torch.mm(dh.t(), xn).float()
+        del dh, xn
+        if conv_impl == CONV_CUDNN:
+            xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
+            dy4 = dy.view(n, hh, ww, c).permute(0, 3, 1, 2)
+            dxc, ddw, ddw_b = torch.ops.aten.convolution_backward(
+                dy4, xc, dw_weight.to(cdt), [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c,
+                [True, True, True])
+            dx = _empty_nchw_channels_last(x, (n, c, hh, ww), dx_dtype)
+            torch.add(dout, dxc, out=dx)
+            ddw = ddw.float().contiguous()
+            ddw_b = ddw_b.float()
+        else:
+            xf = _nhwc(x)
+            if not xf.is_contiguous():
+                xf = xf.contiguous()
+            taps = dw_weight.reshape(c, 49).t().contiguous()
+            dxf = _kernels.dwconv7(dy, taps, None, n, hh, ww, c, dx_dtype, flip=True,
+                                   residual=do)
+            dx = dxf.view(n, hh, ww, c).permute(0, 3, 1, 2)
+            dtaps, ddw_b = _kernels.dwconv7_wgrad(dy, xf, n, hh, ww, c)
+            ddw = dtaps.t().contiguous().view(c, 1, 7, 7)
+    return (dx, ddw.to(dw_weight.dtype), ddw_b.to(dw_weight.dtype), dlnw.to(ln_weight.dtype),
+            dlnb.to(ln_bias.dtype), dw1.to(w1.dtype), db1.to(w1.dtype), dw2.to(w2.dtype),
+            db2.to(b2.dtype), dgamma.to(gamma.dtype))
+
+
+@block_bwd.register_fake
+def _block_bwd_fake(dout, x, y, h, mean, rstd, dw_weight, ln_weight, ln_bias, w1, w2, b2,
+                    gamma, conv_impl, dx_dtype):
+    n, c, hh, ww = x.shape
+    dx = _empty_nchw_channels_last(x, (n, c, hh, ww), dx_dtype)
+    return (dx, torch.empty_like(dw_weight), dw_weight.new_empty((c,)), torch.empty_like(ln_weight),
+            torch.empty_like(ln_bias), torch.empty_like(w1), w1.new_empty((w1.shape[0],)),
+            torch.empty_like(w2), torch.empty_like(b2), torch.empty_like(gamma))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps, compute_dtype,
+     conv_impl) = inputs
+    out, y, h, mean, rstd, xs = output
+    # With cuDNN and a compute-dtype copy of x, backward needs only that copy (x itself is
+    # then not kept alive by this block).
+    conv_in = xs if xs.numel() else x
+    ctx.save_for_backward(conv_in, y, h, mean, rstd, dw_weight, ln_weight, ln_bias, w1, w2, b2,
+                          gamma)
+    ctx.conv_impl = conv_impl
+    ctx.x_dtype = x.dtype
+    ctx.out_dtype = out.dtype
+    ctx.dw_bias_dtype = dw_bias.dtype
+    ctx.b1_dtype = b1.dtype
+
+
+def _backward(ctx, dout, _dy, _dh, _dmean, _drstd, _dxs):
+    x, y, h, mean, rstd, dw_weight, ln_weight, ln_bias, w1, w2, b2, gamma = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(x, dtype=ctx.out_dtype)
+    (dx, ddw, ddw_b, dlnw, dlnb, dw1, db1, dw2, db2,
+     dgamma) = torch.ops.convnext_backbone.block_bwd(dout, x, y, h, mean, rstd, dw_weight,
+                                                     ln_weight, ln_bias, w1, w2, b2, gamma,
+                                                     ctx.conv_impl, ctx.x_dtype)
+    return (dx, ddw, ddw_b.to(ctx.dw_bias_dtype), dlnw, dlnb, dw1, db1.to(ctx.b1_dtype), dw2,
+            db2, dgamma, None, None, None)
+
+
+torch.library.register_autograd("convnext_backbone::block_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
+    """Runs a `ConvNextBlock` (V1: layer scale, exact GELU, no GRN) through the fused ops.
+
+    Args:
+        block: the module whose parameters are used (names unchanged).
+        x: (N, C, H, W) input; made channels_last if it is not.
+    """
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        cdt = torch.get_autocast_dtype("cuda")
+    elif x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        cdt = torch.get_autocast_dtype("cpu")
+    else:
+        cdt = x.dtype
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.ops.convnext_backbone.block_fwd(
+        x, block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias,
+        block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
+        block.gamma, float(block.norm.eps), cdt, conv_impl())[0]
+    return out

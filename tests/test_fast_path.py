@@ -1,0 +1,227 @@
+"""The fused fast path (convnext_backbone.ops) against the pure-PyTorch reference path.
+
+CPU (CI): dispatch falls back to the reference code, the switches work, and the Triton
+kernels' arithmetic is checked through Triton's CPU interpreter on tiny shapes (in a
+subprocess, since TRITON_INTERPRET is read at import). GPU (`pytest -m gpu` on the
+device): the compiled kernels, fp32 <= 1e-4 and bf16 autocast <= 1e-2 relative, forward
+and backward, eager and torch.compile (fullgraph, so a graph break fails).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from convnext_backbone import ConvNextBackbone, ConvNextConfig, ops
+from convnext_backbone.modeling import ConvNextBlock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _model(device: str, **kw) -> ConvNextBackbone:
+    torch.manual_seed(0)
+    cfg = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1],
+                         out_features=STAGES, layer_scale_init_value=0.5, **kw)
+    m = ConvNextBackbone(cfg).to(device)
+    with torch.no_grad():  # non-trivial weights so every term of every block matters
+        for name, p in m.named_parameters():
+            if p.dim() == 1 and "gamma" not in name:
+                p.normal_(0.0, 0.1).add_(1.0 if "norm" in name and "weight" in name else 0.0)
+    return m
+
+
+def _run(model, x, fast: bool, amp: bool):
+    """Outputs, input gradient and parameter gradients on one path."""
+    with ops.fast_path(fast):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            feats = model(xi).feature_maps
+        gen = torch.Generator(device=x.device).manual_seed(1)
+        # random weights: a plain mean of LayerNorm-ed maps has an almost zero gradient
+        sum((f.float() * torch.randn(f.shape, device=x.device, generator=gen)).sum()
+            for f in feats).backward()
+        # names without torch.compile's "_orig_mod." prefix, to compare with eager
+        grads = {n.replace("_orig_mod.", ""): p.grad.detach().clone()
+                 for n, p in model.named_parameters()}
+        grads["input"] = xi.grad.detach().clone()
+        model.zero_grad(set_to_none=True)
+    return [f.detach().float() for f in feats], grads
+
+
+# ----------------------------------------------------------------------------- CPU
+def test_cpu_dispatch_uses_reference_path():
+    block = ConvNextBlock(16, layer_scale_init_value=0.5)
+    x = torch.randn(2, 16, 9, 9)
+    if not ops._INTERPRET:
+        assert not ops.use_fast_path(block, x)
+    assert ops.block_supported(block)
+
+
+def test_block_supported_options():
+    assert ops.block_supported(ConvNextBlock(8))
+    assert not ops.block_supported(ConvNextBlock(8, use_grn=True, layer_scale_init_value=0.0))
+    assert not ops.block_supported(ConvNextBlock(8, layer_scale_init_value=0.0))
+    assert not ops.block_supported(ConvNextBlock(8, hidden_act="relu"))
+    assert not ops.block_supported(ConvNextBlock(8, hidden_act="gelu_new"))
+    dp = ConvNextBlock(8, drop_path=0.2)
+    assert not ops.block_supported(dp.train())  # stochastic depth active: reference path
+    assert ops.block_supported(dp.eval())
+
+
+def test_fast_path_switch_restores():
+    before = ops.fast_path_enabled()
+    with ops.fast_path(False):
+        assert not ops.fast_path_enabled()
+        assert not ops.use_fast_path(ConvNextBlock(8), torch.randn(1, 8, 4, 4))
+    assert ops.fast_path_enabled() == before
+
+
+def test_cpu_outputs_identical_with_switch_on_and_off():
+    # On CPU both settings run the reference code: bit-identical results.
+    m = _model("cpu").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        with ops.fast_path(True):
+            a = m(x).feature_maps
+        with ops.fast_path(False):
+            b = m(x).feature_maps
+    for fa, fb in zip(a, b):
+        assert torch.equal(fa, fb)
+
+
+def test_env_var_disables(monkeypatch):
+    monkeypatch.setenv("CONVNEXT_FAST_PATH", "0")
+    try:
+        assert ops.refresh_from_env() is False
+    finally:
+        monkeypatch.delenv("CONVNEXT_FAST_PATH")
+        assert ops.refresh_from_env() is True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("conv_impl", ["cudnn", "triton"])
+def test_kernels_match_reference_in_triton_interpreter(conv_impl):
+    """The Triton kernels (forward, LayerNorm backward, conv input and weight gradients)
+    run on CPU through Triton's interpreter; fp32 results must match the reference."""
+    code = textwrap.dedent("""
+        import os, torch
+        from convnext_backbone import ConvNextBackbone, ConvNextConfig, ops
+        assert ops._INTERPRET
+        torch.manual_seed(0)
+        cfg = ConvNextConfig(hidden_sizes=[8, 16, 24, 40], depths=[1, 1, 1, 1],
+                             out_features=["stage1", "stage2", "stage3", "stage4"],
+                             layer_scale_init_value=0.5)
+        m = ConvNextBackbone(cfg)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if p.dim() == 1:
+                    p.normal_(0.0, 0.1)
+        x0 = torch.randn(2, 3, 40, 72)
+        res = {}
+        for fast in (True, False):
+            x = x0.clone().requires_grad_(True)
+            with ops.fast_path(fast):
+                blk = m.stages[0][0]
+                assert ops.use_fast_path(blk, torch.randn(1, 8, 4, 4)) == fast
+                out = m(x).feature_maps
+                g = torch.Generator().manual_seed(1)
+                sum((f * torch.randn(f.shape, generator=g)).sum() for f in out).backward()
+            res[fast] = ([f.detach() for f in out],
+                         {n: p.grad.clone() for n, p in m.named_parameters()}, x.grad.clone())
+            m.zero_grad(set_to_none=True)
+        rel = lambda a, b: float((a - b).norm() / b.norm())
+        worst = max(rel(a, b) for a, b in zip(res[True][0], res[False][0]))
+        worst_g = max(rel(res[True][1][n], res[False][1][n]) for n in res[False][1])
+        worst_x = rel(res[True][2], res[False][2])
+        print("ERR", worst, worst_g, worst_x)
+        assert worst < 1e-4 and worst_g < 1e-4 and worst_x < 1e-4, (worst, worst_g, worst_x)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, CONVNEXT_DWCONV=conv_impl)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "ERR" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_gpu_fast_path_matches_reference(amp, channels_last):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    m = _model("cuda")
+    x = torch.randn(2, 3, 96, 160, device="cuda")
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert ops.use_fast_path(m.stages[0][0], x[:, :16])
+    f_fast, g_fast = _run(m, x, True, amp)
+    f_ref, g_ref = _run(m, x, False, amp)
+    tol = 1e-2 if amp else 1e-4
+    for a, b in zip(f_fast, f_ref):
+        assert _rel(a, b) <= tol
+    for name in g_ref:
+        assert _rel(g_fast[name], g_ref[name]) <= tol, name
+
+
+@gpu
+def test_gpu_odd_sizes_and_wide_channels():
+    # Widths that are not powers of two, spatial sizes below the 7x7 window.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    for c, h, w in [(96, 3, 5), (200, 13, 1), (768, 7, 7)]:
+        block = ConvNextBlock(c, layer_scale_init_value=0.5).cuda()
+        x = torch.randn(3, c, h, w, device="cuda").contiguous(memory_format=torch.channels_last)
+        res = {}
+        for fast in (True, False):
+            xi = x.clone().requires_grad_(True)
+            with ops.fast_path(fast):
+                out = block(xi)
+                (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+            res[fast] = (out.detach(), xi.grad, {n: p.grad.clone() for n, p in block.named_parameters()})
+            block.zero_grad(set_to_none=True)
+        assert _rel(res[True][0], res[False][0]) <= 1e-4
+        assert _rel(res[True][1], res[False][1]) <= 1e-4
+        for n in res[False][2]:
+            assert _rel(res[True][2][n], res[False][2][n]) <= 1e-4, (c, h, w, n)
+
+
+@gpu
+def test_gpu_torch_compile_fullgraph_matches():
+    m = _model("cuda").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 128, 128, device="cuda").contiguous(memory_format=torch.channels_last)
+    f_ref, g_ref = _run(m, x, False, True)
+    compiled = torch.compile(m, fullgraph=True)  # a graph break raises
+    f_c, g_c = _run(compiled, x, True, True)
+    for a, b in zip(f_c, f_ref):
+        assert _rel(a, b) <= 1e-2
+    for name in g_ref:
+        assert _rel(g_c[name], g_ref[name]) <= 1e-2, name
+
+
+@gpu
+def test_gpu_gradient_checkpointing_and_frozen():
+    m = _model("cuda")
+    m.gradient_checkpointing_enable()
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    f_fast, g_fast = _run(m, x, True, False)
+    f_ref, g_ref = _run(m, x, False, False)
+    for name in g_ref:
+        assert _rel(g_fast[name], g_ref[name]) <= 1e-4, name
