@@ -61,6 +61,13 @@ def _run(model, x, fast: bool, amp: bool):
 
 
 # ----------------------------------------------------------------------------- CPU
+def test_fast_path_switches_restore_state():
+    before = (ops.fast_path_enabled(), ops._UNDER_COMPILE)
+    with ops.fast_path(False, under_compile=True):
+        assert not ops.fast_path_enabled() and ops._UNDER_COMPILE
+    assert (ops.fast_path_enabled(), ops._UNDER_COMPILE) == before
+
+
 def test_cpu_dispatch_uses_reference_path():
     block = ConvNextBlock(16, layer_scale_init_value=0.5)
     x = torch.randn(2, 16, 9, 9)
@@ -208,12 +215,28 @@ def test_gpu_torch_compile_fullgraph_matches():
     m = _model("cuda").to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 128, 128, device="cuda").contiguous(memory_format=torch.channels_last)
     f_ref, g_ref = _run(m, x, False, True)
-    compiled = torch.compile(m, fullgraph=True)  # a graph break raises
-    f_c, g_c = _run(compiled, x, True, True)
+    with ops.fast_path(True, under_compile=True):  # the fused custom ops inside the graph
+        compiled = torch.compile(m, fullgraph=True)  # a graph break raises
+        f_c, g_c = _run(compiled, x, True, True)
     for a, b in zip(f_c, f_ref):
         assert _rel(a, b) <= 1e-2
     for name in g_ref:
         assert _rel(g_c[name], g_ref[name]) <= 1e-2, name
+
+
+@gpu
+def test_gpu_compile_defaults_to_reference_path_for_inductor_fusion():
+    import torch._dynamo
+
+    m = _model("cuda")
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    explained = torch._dynamo.explain(m)(x)
+    code = "".join(g.code for g in explained.graphs)
+    assert explained.graph_break_count == 0 and "block_fwd" not in code
+    with ops.fast_path(True, under_compile=True):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(m)(x)
+    assert "block_fwd" in "".join(g.code for g in explained.graphs)
 
 
 @gpu

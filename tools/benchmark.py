@@ -297,7 +297,7 @@ def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode:
     fn: nn.Module = model
     compile_s = 0.0
     if mode == "compile":
-        fn = torch.compile(model)
+        fn = torch.compile(model, dynamic=False)
     step = make_step(fn, x, backward, device, amp_dtype)
     if mode == "compile":
         t0 = time.perf_counter()
@@ -333,7 +333,7 @@ def profile_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], m
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    fn = torch.compile(model) if mode == "compile" else model
+    fn = torch.compile(model, dynamic=False) if mode == "compile" else model
     step = make_step(fn, x, backward, device, amp_dtype)
     for _ in range(3):
         step()
