@@ -49,11 +49,8 @@ if ROOT not in sys.path:
 
 PEERS = ("ours", "timm", "torchvision", "transformers")
 MODES = ("eager", "compile")
-VARIANT_SPECS = {
-    "tiny": dict(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768]),
-    "small": dict(depths=[3, 3, 27, 3], hidden_sizes=[96, 192, 384, 768]),
-    "base": dict(depths=[3, 3, 27, 3], hidden_sizes=[128, 256, 512, 1024]),
-}
+# The V1 sizes every peer has; shapes come from the package's one declaration.
+BENCH_VARIANTS = ("tiny", "small", "base")
 # name: (batch, height, width, backward?)
 GPU_WORKLOADS = {
     "train": (32, 512, 512, True),
@@ -119,7 +116,9 @@ def build_peer(name: str, variant: str) -> nn.Module:
         name: one of PEERS.
         variant: 'tiny', 'small' or 'base'.
     """
-    spec = VARIANT_SPECS[variant]
+    from convnext_backbone import VARIANTS
+
+    spec = VARIANTS[variant]
     stages = ["stage1", "stage2", "stage3", "stage4"]
     try:
         if name == "ours":
@@ -430,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--variant", default="tiny", choices=sorted(VARIANT_SPECS))
+    p.add_argument("--variant", default="tiny", choices=BENCH_VARIANTS)
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--workloads", nargs="+", default=None,
                    choices=sorted(GPU_WORKLOADS), help="default: all on GPU, infer on CPU")
