@@ -418,7 +418,7 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
         self.convnext = ConvNextModel(config)
         self.classifier = (nn.Linear(config.hidden_sizes[-1], config.num_labels)
                            if config.num_labels > 0 else nn.Identity())
-        self.init_weights()
+        self.classifier.apply(self._init_weights)  # the trunk initialised itself
 
     def gradient_checkpointing_enable(self) -> None:
         super().gradient_checkpointing_enable()

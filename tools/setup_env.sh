@@ -18,6 +18,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   exit 0
 fi
 log() { echo "[setup] $*"; }
+# A set-up killed half-way can leave a venv without pip: start that one again.
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  log "removing an incomplete $VENV"; rm -rf "$VENV"
+fi
 [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
 # pip's exit status is kept; only the noise about absent local indexes is filtered.
 pip_() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2); }
