@@ -1,27 +1,10 @@
 # UperNet + ConvNeXt V2-large (FCMAE + IN-22k pretrained), ADE20K 640x640, 160k iterations, batch 16.
 # Paper (single-scale / multi-scale+flip): ConvNeXt V2 (arXiv 2301.00808) reports UperNet results for its FCMAE models; the recipe here is ConvNeXt V1's.
-_base_ = [
-    '../_base_/models/upernet_convnext.py', '../_base_/datasets/ade20k_640x640.py',
-    '../_base_/default_runtime.py', '../_base_/schedules/schedule_160k.py'
-]
-crop_size = (640, 640)
-# FCMAE + IN-22k weights in any supported format (official, timm, transformers, torchvision, mmpretrain);
-# download them first: nothing is fetched at run time. None trains from scratch.
+# Same recipe as convnext-base_upernet_8xb2-amp-160k_ade20k-640x640.py; V2 backbone (GRN in the MLP, no layer scale).
+_base_ = './convnext-base_upernet_8xb2-amp-160k_ade20k-640x640.py'
 pretrained = 'checkpoints/convnextv2_large_22k_224_ema.pt'
 model = dict(
-    data_preprocessor=dict(size=crop_size),
-    backbone=dict(
-        arch='v2-large',
-        drop_path_rate=0.4,
-        layer_scale_init_value=0.0,  # V2 has no layer scale (GRN instead)
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    decode_head=dict(in_channels=[192, 384, 768, 1536], num_classes=150),
-    auxiliary_head=dict(in_channels=768, num_classes=150),
-    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(426, 426)))
-optim_wrapper = dict(
-    type='AmpOptimWrapper',
-    loss_scale='dynamic',
-    paramwise_cfg=dict(decay_rate=0.9, decay_type='stage_wise', num_layers=12))
-train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16
-val_dataloader = dict(batch_size=1)
-test_dataloader = val_dataloader
+    backbone=dict(arch='v2-large', layer_scale_init_value=0.0,
+                  init_cfg=dict(checkpoint=pretrained)),
+    decode_head=dict(in_channels=[192, 384, 768, 1536]),
+    auxiliary_head=dict(in_channels=768))
