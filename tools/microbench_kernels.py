@@ -1,6 +1,9 @@
 """Per-kernel timings of the fast path against cuDNN / aten (run on a GPU):
-``python -m convnext_backbone.ops._microbench``. Prints milliseconds (median, do_bench)."""
+``PYTHONPATH=. python tools/microbench_kernels.py``. Prints milliseconds (median, do_bench)."""
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +12,8 @@ import torch.nn.functional as F
 def main() -> None:
     import triton
 
-    from . import _kernels
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from convnext_backbone.ops import _kernels
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     dt = torch.bfloat16
