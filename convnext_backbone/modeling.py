@@ -55,6 +55,8 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ops.use_fast_layer_norm(self, x):  # Triton, for channels_last CUDA tensors
+            return _ops.layer_norm_2d(self, x)
         # permute + F.layer_norm is faster than hand-written mean/var (pytorch #76012)
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

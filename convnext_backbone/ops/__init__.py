@@ -5,7 +5,9 @@
 user to do: the fast path is taken for CUDA tensors when Triton imports, for V1 blocks
 (layer scale on, exact GELU, no GRN) and when drop path is inactive; everything else
 (CPU, ONNX export, torch.fx tracing, TorchScript, V2/GRN, other activations) runs the
-reference path. Parameter names and checkpoints are the same on both paths.
+reference path. `LayerNorm2d` (stem, downsampling, output norms) likewise takes Triton
+kernels for channels_last CUDA tensors in eager mode (`use_fast_layer_norm`). Parameter
+names and checkpoints are the same on both paths.
 
 Switches (for benchmarks and debugging):
   - environment variable ``CONVNEXT_FAST_PATH=0`` turns the fast path off (read at import
@@ -27,7 +29,8 @@ import torch
 from torch import nn
 
 __all__ = ["fast_path", "fast_path_enabled", "fast_path_available", "use_fast_path",
-           "block_forward", "block_supported", "refresh_from_env"]
+           "block_forward", "block_supported", "refresh_from_env", "compute_dtype",
+           "needs_backward", "use_fast_layer_norm", "layer_norm_2d"]
 
 
 def _env_enabled() -> bool:
@@ -35,10 +38,13 @@ def _env_enabled() -> bool:
 
 
 _ENABLED = _env_enabled()
-# Under torch.compile the reference path is the default: Inductor fuses LayerNorm, GELU,
-# layer scale and the residual into the matmuls' neighbours, which the opaque custom ops
-# prevent (measured on an H100: 0.76x timm+compile with the ops, ~1x without).
-# CONVNEXT_FAST_PATH_COMPILE=1 (or fast_path(True, under_compile=True)) keeps them.
+# Under torch.compile the reference path is the default for training: Inductor fuses
+# LayerNorm, GELU, layer scale and the residual into the matmuls' neighbours and their
+# backward, which the opaque custom ops prevent (measured on an H100: 0.76x timm+compile
+# with the ops, ~1x without). Inference blocks whose MLP the fused kernel covers (half
+# precision, C <= 256) still take it: it keeps the 4C-wide activation off memory, which
+# Inductor cannot. CONVNEXT_FAST_PATH_COMPILE=1 (or fast_path(True, under_compile=True))
+# uses the custom ops for every supported block under compile.
 _UNDER_COMPILE = os.environ.get("CONVNEXT_FAST_PATH_COMPILE", "0").strip().lower() in ("1", "true", "on", "yes")
 _TRITON_OK: Optional[bool] = None
 # Triton's interpreter runs the kernels on CPU tensors: lets CPU-only CI check the kernels'
@@ -119,17 +125,64 @@ def block_supported(block: nn.Module) -> bool:
             and dw.bias is not None and not drop_active)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the block's products run in: autocast's when it is on, else x's."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+def block_params(block: nn.Module):
+    """The parameters the fused op takes, in its argument order."""
+    return (block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias,
+            block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
+            block.gamma)
+
+
+def needs_backward(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd will ask this block for gradients (else nothing is kept for it)."""
+    return torch.is_grad_enabled() and (x.requires_grad
+                                        or any(t.requires_grad for t in block_params(block)))
+
+
 def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
     """The dispatch decision of `ConvNextBlock.forward`."""
     if not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy):
-        return False
-    if not _UNDER_COMPILE and torch.compiler.is_compiling():
         return False
     if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
         return False
     if torch.onnx.is_in_onnx_export():
         return False
-    return block_supported(block) and fast_path_available(x)
+    if not (block_supported(block) and fast_path_available(x)):
+        return False
+    if torch.compiler.is_compiling() and not _UNDER_COMPILE:
+        from ._kernels import ln_mlp_supported
+
+        return not needs_backward(block, x) and ln_mlp_supported(x.shape[1], compute_dtype(x))
+    return True
+
+
+def use_fast_layer_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """The dispatch decision of `LayerNorm2d.forward` (eager mode, channels_last input)."""
+    if not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy):
+        return False
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False
+    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
+        return False
+    return (norm.weight is not None and norm.bias is not None and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and len(norm.normalized_shape) == 1 and x.shape[1] == norm.normalized_shape[0]
+            and x.shape[1] <= 4096 and fast_path_available(x))
+
+
+def layer_norm_2d(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs `LayerNorm2d` through the Triton kernels (see `convnext_backbone.ops.layer_norm`)."""
+    from .layer_norm import layer_norm_2d as _impl
+
+    return _impl(x, norm.weight, norm.bias, norm.eps)
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,17 @@ Accumulation is fp32 whatever the storage dtype.
 - `ln_bwd`: LayerNorm backward from the saved pre-norm activation and per-pixel
   mean / rstd; also rebuilds the LayerNorm output (needed by pwconv1's weight gradient)
   so that it never has to be kept from the forward pass.
+- `ln_fwd`: LayerNorm over C of (P, C) rows, many rows a program (aten's kernel gives
+  each row of only 96..768 channels its own thread block and runs far below bandwidth);
+  with `ln_bwd` it is the channels-last LayerNorm of the stem, downsampling layers and
+  per-stage output norms.
+- `gelu_bwd`: GELU backward that also returns GELU(h) (for pwconv2's weight gradient)
+  and the column sums of its result (pwconv1's bias gradient): one pass over the 4C-wide
+  tensors instead of three.
+- `ln_mlp_residual`: the rest of the block after the conv in one kernel, for bf16/fp16:
+  LayerNorm -> pwconv1 (+bias) -> GELU -> pwconv2 (+bias) -> layer scale -> residual add.
+  The 4C-wide hidden activation lives only in registers (stored once, pre-GELU, when the
+  backward pass needs it); neither the LayerNorm output nor pwconv2's output reach memory.
 """
 from __future__ import annotations
 
@@ -21,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd"]
+__all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "ln_mlp_residual", "ln_mlp_supported",
+           "gelu_bwd", "ln_fwd"]
 
 
 def _pow2(n: int) -> int:
@@ -139,14 +151,17 @@ def _dwconv7_wgrad_kernel(dy_ptr, x_ptr, part_ptr, NH, H, W, C, rows_per_prog,
 
 
 @triton.jit
-def _ln_bwd_kernel(y_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr, xn_ptr,
-                   part_ptr, P, C, tiles_per_prog,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr,
+                   xn_ptr, part_ptr, P, C, tiles_per_prog,
+                   HAS_YB: tl.constexpr, STORE_XN: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
     lw = tl.load(lnw_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     lb = tl.load(lnb_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_YB:
+        yb = tl.load(yb_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(0, tiles_per_prog):
@@ -155,6 +170,8 @@ def _ln_bwd_kernel(y_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr,
         m = pm[:, None] & cmask[None, :]
         ptrs = p[:, None] * C + offs_c[None, :]
         y = tl.load(y_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+        if HAS_YB:
+            y += yb[None, :]
         g = tl.load(dxn_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + p, mask=pm, other=0.0)
         rstd = tl.load(rstd_ptr + p, mask=pm, other=0.0)
@@ -164,8 +181,9 @@ def _ln_bwd_kernel(y_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr,
         c2 = tl.sum(wg, axis=1) / C
         dy = (wg - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(dy_ptr + ptrs, dy.to(dy_ptr.dtype.element_ty), mask=m)
-        xn = xhat * lw[None, :] + lb[None, :]
-        tl.store(xn_ptr + ptrs, xn.to(xn_ptr.dtype.element_ty), mask=m)
+        if STORE_XN:
+            xn = xhat * lw[None, :] + lb[None, :]
+            tl.store(xn_ptr + ptrs, xn.to(xn_ptr.dtype.element_ty), mask=m)
         dw_acc += g * xhat
         db_acc += g
     tl.store(part_ptr + (pid * 2) * C + offs_c, tl.sum(dw_acc, axis=0), mask=cmask)
@@ -250,12 +268,15 @@ def dwconv7_wgrad(dy: torch.Tensor, x: torch.Tensor, N: int, H: int, W: int,
 
 
 def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-           lnw: torch.Tensor, lnb: torch.Tensor, dy_dtype: torch.dtype
-           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm backward over C of (P, C) rows; returns (dy, xn, dweight, dbias).
+           lnw: torch.Tensor, lnb: torch.Tensor, dy_dtype: torch.dtype,
+           y_bias: Optional[torch.Tensor] = None, rebuild_output: bool = True
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """LayerNorm backward over C of (P, C) rows; returns (dy, xn, dweight, dbias), xn (the
+    LayerNorm's output, rebuilt) only with `rebuild_output`, else None.
 
     Args:
-        y: (P, C) the LayerNorm's input. dxn: (P, C) gradient of its output.
+        y: (P, C) the LayerNorm's input (plus `y_bias` (C,) when given: the conv bias that
+            the fused forward added on the fly). dxn: (P, C) gradient of its output.
         mean, rstd: (P,) fp32 statistics from the forward pass.
         lnw, lnb: (C,) affine parameters. dy_dtype: dtype of the returned input gradient.
     """
@@ -267,10 +288,242 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     tiles_per_prog = triton.cdiv(tiles, progs)
     progs = triton.cdiv(tiles, tiles_per_prog)
     dy = torch.empty((P, C), device=y.device, dtype=dy_dtype)
-    xn = torch.empty((P, C), device=y.device, dtype=y.dtype)
+    xn = torch.empty((P, C), device=y.device, dtype=y.dtype) if rebuild_output else dy
     part = torch.empty((progs, 2, C), device=y.device, dtype=torch.float32)
-    _ln_bwd_kernel[(progs,)](y, dxn, mean, rstd, lnw, lnb, dy, xn, part, P, C, tiles_per_prog,
+    _ln_bwd_kernel[(progs,)](y, y_bias if y_bias is not None else lnw, dxn, mean, rstd, lnw,
+                             lnb, dy, xn, part, P, C, tiles_per_prog,
+                             HAS_YB=y_bias is not None, STORE_XN=rebuild_output,
                              BLOCK_P=block_p, BLOCK_C=block_c,
                              num_warps=8 if block_p * block_c >= 4096 else 4)
     s = part.sum(0)
-    return dy, xn, s[0].clone(), s[1].clone()
+    return dy, xn if rebuild_output else None, s[0], s[1]
+
+
+@triton.jit
+def _gelu_erf(h):
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                   gam_ptr, out_ptr, h_ptr, mean_ptr, rstd_ptr, P, eps,
+                   C: tl.constexpr, KC: tl.constexpr, OUT_W: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_H: tl.constexpr):
+    # Program (pixel tile, output-channel group): one group unless C is wide, and then
+    # each group recomputes pwconv1 for its tile so the hidden activation stays on chip.
+    # pwconv1's K loop runs over C in KC-wide chunks, re-reading the tile's y chunks (L1
+    # hits) and normalising them on the fly: cheaper than holding the normalised tile.
+    pid_m = tl.program_id(0)
+    grp = tl.program_id(1)
+    HID: tl.constexpr = 4 * C
+    NK: tl.constexpr = C // KC
+    cdt: tl.constexpr = y_ptr.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < P
+    offs_k = tl.arange(0, KC)
+    # LayerNorm statistics of y + conv bias over C: two passes, the second from cache.
+    s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in tl.static_range(NK):
+        ck = k * KC + offs_k
+        yk = tl.load(y_ptr + rows[:, None] * C + ck[None, :], mask=rmask[:, None], other=0.0)
+        yk = yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
+        s1 += tl.sum(yk, axis=1)
+    mean = s1 / C
+    s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in tl.static_range(NK):
+        ck = k * KC + offs_k
+        yk = tl.load(y_ptr + rows[:, None] * C + ck[None, :], mask=rmask[:, None], other=0.0)
+        yk = yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
+        d = tl.where(rmask[:, None], yk - mean[:, None], 0.0)
+        s2 += tl.sum(d * d, axis=1)
+    rstd = 1.0 / tl.sqrt(s2 / C + eps)
+    if STORE_H:
+        if grp == 0:
+            tl.store(mean_ptr + rows, mean, mask=rmask)
+            tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    offs_o = grp * OUT_W + tl.arange(0, OUT_W)
+    omask = offs_o < C
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_M, OUT_W], dtype=tl.float32)
+    for j in range(0, HID, BLOCK_H):
+        hid = j + offs_h
+        hacc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+        for k in tl.static_range(NK):
+            ck = k * KC + offs_k
+            yk = tl.load(y_ptr + rows[:, None] * C + ck[None, :], mask=rmask[:, None], other=0.0)
+            yk = yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
+            lw = tl.load(lnw_ptr + ck).to(tl.float32)
+            lb = tl.load(lnb_ptr + ck).to(tl.float32)
+            a = ((yk - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(cdt)
+            # W1 is (4C, C): its (KC, BLOCK_H) slice W1[hid, ck]^T
+            w1 = tl.load(w1_ptr + hid[None, :] * C + ck[:, None]).to(cdt)
+            hacc = tl.dot(a, w1, hacc)
+        hacc += tl.load(b1_ptr + hid).to(tl.float32)[None, :]
+        hq = hacc.to(cdt)  # the reference rounds pwconv1's output before the GELU
+        if STORE_H:
+            if grp == 0:
+                tl.store(h_ptr + rows[:, None] * HID + hid[None, :], hq, mask=rmask[:, None])
+        g = _gelu_erf(hq.to(tl.float32)).to(cdt)
+        # W2 is (C, 4C): its (BLOCK_H, OUT_W) slice W2[o, hid]^T
+        w2 = tl.load(w2_ptr + offs_o[None, :] * HID + hid[:, None], mask=omask[None, :],
+                     other=0.0).to(cdt)
+        acc = tl.dot(g, w2, acc)
+    # Epilogue: pwconv2's bias (output rounded like the reference's), layer scale, residual.
+    b2 = tl.load(b2_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+    z = (acc + b2[None, :]).to(cdt).to(tl.float32)
+    gam = tl.load(gam_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+    m2 = rmask[:, None] & omask[None, :]
+    optrs = rows[:, None] * C + offs_o[None, :]
+    xr = tl.load(x_ptr + optrs, mask=m2, other=0.0).to(tl.float32)
+    tl.store(out_ptr + optrs, (xr + gam[None, :] * z).to(out_ptr.dtype.element_ty), mask=m2)
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while n % (d * 2) == 0 and d * 2 <= cap:
+        d *= 2
+    return d
+
+
+# Widest C the fused kernel takes. Measured on an H100 (bf16, tools/microbench_ln_mlp.py):
+# at C=96 and 192 it beats LayerNorm + cuBLAS + GELU + addcmul (memory-bound there); at
+# C=384 the unfused cuBLAS products were faster (compute-bound, and the fused kernel's
+# register-resident tiles are small), so wider stages keep the unfused sequence.
+LN_MLP_MAX_C = 256
+
+
+def ln_mlp_supported(C: int, dtype: torch.dtype) -> bool:
+    """Whether `ln_mlp_residual` runs width C in this compute dtype (half types only: its
+    matrix products take bf16/fp16 operands; fp32 keeps cuBLAS's exact products)."""
+    return (dtype in (torch.bfloat16, torch.float16) and C <= LN_MLP_MAX_C
+            and _largest_pow2_divisor(C, 128) >= 16)
+
+
+def _ln_mlp_config(C: int) -> Tuple[int, int, int, int, int]:
+    """(OUT_W, BLOCK_M, BLOCK_H, num_warps, num_stages) for width C: the fastest of
+    tools/microbench_ln_mlp.py --sweep on an H100 at C=96 and 192."""
+    c_pad = _pow2(C)
+    if c_pad <= 128:
+        return c_pad, 128, 128, 8, 2
+    return c_pad, 128, 64, 8, 2
+
+
+def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
+                    ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                    gamma: torch.Tensor, out: torch.Tensor, *, store_h: bool, config=None):
+    """out = x + gamma * (gelu(LayerNorm(y + y_bias) @ w1^T + b1) @ w2^T + b2), rows of (P, C).
+
+    Args:
+        y: (P, C) contiguous, the conv output without its bias; its dtype is the compute
+            dtype. y_bias: (C,) the conv's bias, added here (in fp32) instead of by a
+            separate pass over y.
+        x: (P, C) contiguous, the residual (any float dtype).
+        ln_weight, ln_bias, b1, b2, gamma: vectors, any float dtype (read as fp32).
+        w1: (4C, C), w2: (C, 4C) contiguous, any float dtype (cast on load).
+        out: (P, C) contiguous, written.
+        store_h: also return pwconv1's output (P, 4C) and the LayerNorm's mean, rstd (P,).
+    Returns:
+        (h, mean, rstd) when store_h, else None.
+    """
+    P, C = y.shape
+    out_w, block_m, block_h, num_warps, num_stages = config or _ln_mlp_config(C)
+    hid = 4 * C
+    block_h = _largest_pow2_divisor(hid, block_h)  # the hidden loop has no tail
+    kc = _largest_pow2_divisor(C, 128)
+    if store_h:
+        h = torch.empty((P, hid), device=y.device, dtype=y.dtype)
+        mean = torch.empty((P,), device=y.device, dtype=torch.float32)
+        rstd = torch.empty((P,), device=y.device, dtype=torch.float32)
+    else:
+        h = mean = rstd = y
+    grid = (triton.cdiv(P, block_m), triton.cdiv(C, out_w))
+    _ln_mlp_kernel[grid](y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out, h,
+                         mean, rstd, P, eps, C=C, KC=kc, OUT_W=out_w, BLOCK_M=block_m,
+                         BLOCK_H=block_h, STORE_H=store_h, num_warps=num_warps,
+                         num_stages=num_stages)
+    return (h, mean, rstd) if store_h else None
+
+
+@triton.jit
+def _gelu_bwd_kernel(dg_ptr, h_ptr, dh_ptr, g_ptr, part_ptr, P, HID, tiles_per_prog,
+                     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < HID
+    acc = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+    for t in range(0, tiles_per_prog):
+        rows = (pid * tiles_per_prog + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        m = (rows < P)[:, None] & cmask[None, :]
+        ptrs = rows[:, None] * HID + cols[None, :]
+        h = tl.load(h_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+        dg = tl.load(dg_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+        dh = (dg * (cdf + h * pdf)).to(dh_ptr.dtype.element_ty)
+        tl.store(dh_ptr + ptrs, dh, mask=m)
+        tl.store(g_ptr + ptrs, (h * cdf).to(g_ptr.dtype.element_ty), mask=m)
+        acc += tl.where(m, dh.to(tl.float32), 0.0)  # the bias gradient of the stored dh
+    tl.store(part_ptr + pid * HID + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def gelu_bwd(dg: torch.Tensor, h: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, gelu(h), dh.sum(0) in fp32) for the exact GELU, from (P, 4C) contiguous dg, h;
+    dh and gelu(h) in h's dtype."""
+    P, hid = h.shape
+    block_h = min(128, _pow2(hid))
+    block_p = max(1, 4096 // block_h)
+    tiles = triton.cdiv(P, block_p)
+    hblocks = triton.cdiv(hid, block_h)
+    progs = max(1, min(tiles, (8 * _num_sms(h.device)) // hblocks))
+    tiles_per_prog = triton.cdiv(tiles, progs)
+    progs = triton.cdiv(tiles, tiles_per_prog)
+    dh = torch.empty_like(h)
+    g = torch.empty_like(h)
+    part = torch.empty((progs, hid), device=h.device, dtype=torch.float32)
+    _gelu_bwd_kernel[(progs, hblocks)](dg, h, dh, g, part, P, hid, tiles_per_prog,
+                                       BLOCK_P=block_p, BLOCK_H=block_h, num_warps=8)
+    return dh, g, part.sum(0)
+
+
+@triton.jit
+def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, C, eps,
+                   STORE_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    rmask = rows < P
+    m = rmask[:, None] & cmask[None, :]
+    ptrs = rows[:, None] * C + offs_c[None, :]
+    x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    d = tl.where(m, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+    w = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=m)
+    if STORE_STATS:
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+           out_dtype: torch.dtype, *, store_stats: bool):
+    """LayerNorm over C of (P, C) contiguous rows, statistics in fp32; returns
+    (out, mean, rstd), the statistics None unless `store_stats`."""
+    P, C = x.shape
+    block_c = _pow2(C)
+    block_p = max(1, min(_pow2(P), 4096 // block_c))
+    out = torch.empty((P, C), device=x.device, dtype=out_dtype)
+    if store_stats:
+        mean = torch.empty((P,), device=x.device, dtype=torch.float32)
+        rstd = torch.empty((P,), device=x.device, dtype=torch.float32)
+    else:
+        mean = rstd = out
+    _ln_fwd_kernel[(triton.cdiv(P, block_p),)](x, weight, bias, out, mean, rstd, P, C, eps,
+                                               STORE_STATS=store_stats, BLOCK_P=block_p,
+                                               BLOCK_C=block_c,
+                                               num_warps=8 if block_p * block_c >= 4096 else 4)
+    return (out, mean, rstd) if store_stats else (out, None, None)

@@ -4,13 +4,18 @@ mode, torch.compile (no graph break: the ops are opaque nodes) and activation
 checkpointing all run the same kernels.
 
 Forward, on NHWC pixels (a channels_last NCHW tensor, no permute copy):
-    y = dwconv7x7(x) + b            cuDNN (default) or Triton fused with the LayerNorm
+    y = dwconv7x7(x) + b            cuDNN (default) or Triton
     xn = LayerNorm_C(y)             (mean, rstd per pixel kept, xn discarded)
-    h = xn @ W1^T + b1              cuBLAS
-    z = gelu(h) @ W2^T + b2         aten gelu, cuBLAS
-    out = x + gamma * z             one elementwise pass (aten addcmul)
+    h = xn @ W1^T + b1
+    z = gelu(h) @ W2^T + b2
+    out = x + gamma * z
+In bf16/fp16 everything after the conv is one Triton kernel (`_kernels.ln_mlp_residual`):
+xn, gelu(h) and z never reach memory, and h is written only when backward needs it. In
+fp32 (exact cuBLAS products wanted) the steps run as aten LayerNorm, cuBLAS addmm, aten
+gelu and one addcmul.
 Saved for backward: the conv input (x, or its bf16 copy with cuDNN under autocast), y, h,
-mean, rstd. Backward: LayerNorm backward in Triton (rebuilding xn), the conv's gradients
+mean, rstd. Backward: GELU backward in Triton (also giving gelu(h) and pwconv1's bias
+gradient in the same pass), LayerNorm backward in Triton (rebuilding xn), the conv's gradients
 with cuDNN (`CONVNEXT_DWCONV=cudnn`, default) or Triton (`=triton`). Not saved:
 xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's gradient
 is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product that
@@ -64,19 +69,26 @@ def _out_dtype(x: Tensor, gamma: Tensor, compute_dtype: torch.dtype) -> torch.dt
     return torch.promote_types(torch.promote_types(x.dtype, gamma.dtype), compute_dtype)
 
 
-@torch.library.custom_op("convnext_backbone::block_fwd", mutates_args=())
-def block_fwd(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+def _nothing_saved(x: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """Distinct empty (h, mean, rstd): a custom op's outputs may not alias each other."""
+    return (x.new_empty((0,), dtype=cdt), x.new_empty((0,), dtype=torch.float32),
+            x.new_empty((0,), dtype=torch.float32))
+
+
+def _block_fwd_impl(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
               w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gamma: Tensor, eps: float,
-              compute_dtype: torch.dtype, conv_impl: int
+              compute_dtype: torch.dtype, conv_impl: int, keep_for_backward: bool
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, y, h, mean, rstd, xs); only `out` is the block's result, the rest is
     what backward needs (`xs`: the conv input in the compute dtype when cuDNN runs the
-    depthwise conv and x has another dtype, else empty)."""
+    depthwise conv and x has another dtype, else empty). Without `keep_for_backward`, h,
+    mean, rstd and xs are empty (an inference pass writes no 4C-wide tensor at all)."""
     from . import _kernels
 
     n, c, hh, ww = x.shape
     p = n * hh * ww
     cdt = compute_dtype
+    fused_mlp = _kernels.ln_mlp_supported(c, cdt)
     with torch.autocast(x.device.type, enabled=False):
         xf = _nhwc(x)
         if not xf.is_contiguous():
@@ -84,10 +96,24 @@ def block_fwd(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, ln_weight: Tensor, 
         xs = x.new_empty((0,), dtype=cdt)
         if conv_impl == CONV_CUDNN:
             xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
-            if x.dtype != cdt:
+            if x.dtype != cdt and keep_for_backward:
                 xs = xc
-            y4 = F.conv2d(xc, dw_weight.to(cdt), dw_bias.to(cdt), padding=3, groups=c)
+            # With the fused kernel the conv bias is added there (a separate pass otherwise).
+            conv_bias = None if fused_mlp else dw_bias.to(cdt)
+            y4 = F.conv2d(xc, dw_weight.to(cdt), conv_bias, padding=3, groups=c)
             y = _nhwc(y4.contiguous(memory_format=torch.channels_last))
+        elif fused_mlp:
+            taps = dw_weight.reshape(c, 49).t().contiguous()
+            y = _kernels.dwconv7(xf, taps, None, n, hh, ww, c, cdt)
+        out = _empty_nchw_channels_last(x, (n, c, hh, ww), _out_dtype(x, gamma, cdt))
+        out_pc = out.permute(0, 2, 3, 1).view(p, c)
+        if fused_mlp:
+            # LayerNorm, both matmuls, GELU, layer scale and the residual in one kernel.
+            saved = _kernels.ln_mlp_residual(y, dw_bias, xf, ln_weight, ln_bias, eps, w1, b1,
+                                             w2, b2, gamma, out_pc, store_h=keep_for_backward)
+            h, mean, rstd = saved if saved is not None else _nothing_saved(x, cdt)
+            return out, y, h, mean, rstd, xs
+        if conv_impl == CONV_CUDNN:
             xn, mean, rstd = torch.native_layer_norm(y, [c], ln_weight.to(cdt), ln_bias.to(cdt),
                                                      eps)
             mean, rstd = mean.view(p).float(), rstd.view(p).float()
@@ -98,18 +124,28 @@ def block_fwd(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, ln_weight: Tensor, 
         h = torch.addmm(b1.to(cdt), xn, w1.to(cdt).t())
         del xn
         z = torch.addmm(b2.to(cdt), F.gelu(h), w2.to(cdt).t())
-        out = _empty_nchw_channels_last(x, (n, c, hh, ww), _out_dtype(x, gamma, cdt))
-        torch.addcmul(xf, z, gamma, out=out.permute(0, 2, 3, 1).view(p, c))
+        torch.addcmul(xf, z, gamma, out=out_pc)
+    if not keep_for_backward:
+        h, mean, rstd = _nothing_saved(x, cdt)
     return out, y, h, mean, rstd, xs
+
+
+# The custom ops are what torch.compile sees (opaque nodes with fake implementations);
+# eager mode calls the same implementations through `_BlockFunction`, skipping the custom
+# op dispatcher's per-call Python work (which dominated small-batch detection steps).
+block_fwd = torch.library.custom_op("convnext_backbone::block_fwd", _block_fwd_impl,
+                                    mutates_args=())
 
 
 @block_fwd.register_fake
 def _block_fwd_fake(x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps,
-                    compute_dtype, conv_impl):
+                    compute_dtype, conv_impl, keep_for_backward):
     n, c, hh, ww = x.shape
     p = n * hh * ww
     out = _empty_nchw_channels_last(x, (n, c, hh, ww), _out_dtype(x, gamma, compute_dtype))
     y = x.new_empty((p, c), dtype=compute_dtype)
+    if not keep_for_backward:
+        return (out, y, *_nothing_saved(x, compute_dtype), x.new_empty((0,), dtype=compute_dtype))
     h = x.new_empty((p, w1.shape[0]), dtype=compute_dtype)
     mean = x.new_empty((p,), dtype=torch.float32)
     rstd = x.new_empty((p,), dtype=torch.float32)
@@ -120,9 +156,8 @@ def _block_fwd_fake(x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, g
     return out, y, h, mean, rstd, xs
 
 
-@torch.library.custom_op("convnext_backbone::block_bwd", mutates_args=())
-def block_bwd(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
-              dw_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor,
+def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
+              dw_weight: Tensor, dw_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor,
               w2: Tensor, b2: Tensor, gamma: Tensor, conv_impl: int, dx_dtype: torch.dtype
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                          Tensor]:
@@ -138,19 +173,21 @@ def block_bwd(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor, rstd:
             do = do.contiguous()
         do_c = do.to(cdt)
         gam = gamma.float()
+        dg = torch.mm(do_c, (w2.float() * gam[:, None]).to(cdt))  # (P, 4C)
+        dh, g, db1 = _kernels.gelu_bwd(dg, h)  # one pass: GELU', GELU and pwconv1's bias grad
+        del dg
         # pwconv2 and layer scale: one product dout^T gelu(h) serves W2 and gamma.
-        m = torch.mm(do_c.t(), F.gelu(h)).float()  # (C, 4C)
+        m = torch.mm(do_c.t(), g).float()  # (C, 4C)
+        del g
         dsum = do.sum(0, dtype=torch.float32)
         dw2 = m * gam[:, None]
         db2 = gam * dsum
         dgamma = (m * w2.float()).sum(1) + b2.float() * dsum
         del m
-        dg = torch.mm(do_c, (w2.float() * gam[:, None]).to(cdt))  # (P, 4C)
-        dh = torch.ops.aten.gelu_backward(dg, h)
-        del dg
-        db1 = dh.sum(0, dtype=torch.float32)
         dxn = torch.mm(dh, w1.to(cdt))  # (P, C)
-        dy, xn, dlnw, dlnb = _kernels.ln_bwd(y, dxn, mean, rstd, ln_weight, ln_bias, cdt)
+        # y lacks the conv bias when the fused forward kernel added it on the fly.
+        y_bias = dw_bias if _kernels.ln_mlp_supported(c, cdt) else None
+        dy, xn, dlnw, dlnb = _kernels.ln_bwd(y, dxn, mean, rstd, ln_weight, ln_bias, cdt, y_bias)
         del dxn
         dw1 = torch.mm(dh.t(), xn).float()
         del dh, xn
@@ -179,8 +216,12 @@ def block_bwd(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor, rstd:
             db2.to(b2.dtype), dgamma.to(gamma.dtype))
 
 
+block_bwd = torch.library.custom_op("convnext_backbone::block_bwd", _block_bwd_impl,
+                                    mutates_args=())
+
+
 @block_bwd.register_fake
-def _block_bwd_fake(dout, x, y, h, mean, rstd, dw_weight, ln_weight, ln_bias, w1, w2, b2,
+def _block_bwd_fake(dout, x, y, h, mean, rstd, dw_weight, dw_bias, ln_weight, ln_bias, w1, w2, b2,
                     gamma, conv_impl, dx_dtype):
     n, c, hh, ww = x.shape
     dx = _empty_nchw_channels_last(x, (n, c, hh, ww), dx_dtype)
@@ -191,13 +232,13 @@ def _block_bwd_fake(dout, x, y, h, mean, rstd, dw_weight, ln_weight, ln_bias, w1
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma, eps, compute_dtype,
-     conv_impl) = inputs
+     conv_impl, _keep) = inputs
     out, y, h, mean, rstd, xs = output
     # With cuDNN and a compute-dtype copy of x, backward needs only that copy (x itself is
     # then not kept alive by this block).
     conv_in = xs if xs.numel() else x
-    ctx.save_for_backward(conv_in, y, h, mean, rstd, dw_weight, ln_weight, ln_bias, w1, w2, b2,
-                          gamma)
+    ctx.save_for_backward(conv_in, y, h, mean, rstd, dw_weight, dw_bias, ln_weight, ln_bias, w1,
+                          w2, b2, gamma)
     ctx.conv_impl = conv_impl
     ctx.x_dtype = x.dtype
     ctx.out_dtype = out.dtype
@@ -205,20 +246,37 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.b1_dtype = b1.dtype
 
 
-def _backward(ctx, dout, _dy, _dh, _dmean, _drstd, _dxs):
-    x, y, h, mean, rstd, dw_weight, ln_weight, ln_bias, w1, w2, b2, gamma = ctx.saved_tensors
+def _input_grads(ctx, dout, bwd):
+    x, y, h, mean, rstd, dw_weight, dw_bias, ln_weight, ln_bias, w1, w2, b2, gamma = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(x, dtype=ctx.out_dtype)
     (dx, ddw, ddw_b, dlnw, dlnb, dw1, db1, dw2, db2,
-     dgamma) = torch.ops.convnext_backbone.block_bwd(dout, x, y, h, mean, rstd, dw_weight,
-                                                     ln_weight, ln_bias, w1, w2, b2, gamma,
-                                                     ctx.conv_impl, ctx.x_dtype)
+     dgamma) = bwd(dout, x, y, h, mean, rstd, dw_weight, dw_bias, ln_weight, ln_bias, w1, w2, b2,
+                   gamma, ctx.conv_impl, ctx.x_dtype)
     return (dx, ddw, ddw_b.to(ctx.dw_bias_dtype), dlnw, dlnb, dw1, db1.to(ctx.b1_dtype), dw2,
-            db2, dgamma, None, None, None)
+            db2, dgamma, None, None, None, None)
+
+
+def _backward(ctx, dout, _dy, _dh, _dmean, _drstd, _dxs):
+    return _input_grads(ctx, dout, torch.ops.convnext_backbone.block_bwd)
 
 
 torch.library.register_autograd("convnext_backbone::block_fwd", _backward,
                                 setup_context=_setup_context)
+
+
+class _BlockFunction(torch.autograd.Function):
+    """Eager-mode twin of the custom op: same implementation, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _block_fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _input_grads(ctx, dout, _block_bwd_impl)
 
 
 def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
@@ -228,15 +286,11 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
         block: the module whose parameters are used (names unchanged).
         x: (N, C, H, W) input; made channels_last if it is not.
     """
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        cdt = torch.get_autocast_dtype("cuda")
-    elif x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        cdt = torch.get_autocast_dtype("cpu")
-    else:
-        cdt = x.dtype
+    from . import block_params, compute_dtype, needs_backward
+
+    keep = needs_backward(block, x)
     x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.ops.convnext_backbone.block_fwd(
-        x, block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias,
-        block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
-        block.gamma, float(block.norm.eps), cdt, conv_impl())[0]
-    return out
+    args = (x, *block_params(block), float(block.norm.eps), compute_dtype(x), conv_impl(), keep)
+    if torch.compiler.is_compiling():
+        return torch.ops.convnext_backbone.block_fwd(*args)[0]
+    return _BlockFunction.apply(*args)

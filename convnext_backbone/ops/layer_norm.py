@@ -1,0 +1,57 @@
+"""Channels-last LayerNorm over C of an NCHW tensor (`LayerNorm2d`) through Triton kernels.
+
+The stem, the downsampling layers and the per-stage output norms normalise 96..768
+channels per pixel. aten's LayerNorm gives every such short row its own thread block and,
+under autocast, first copies a bf16 input to fp32; here each program normalises many
+rows straight from the input dtype, in fp32, into the dtype the reference produces
+(fp32 under autocast, as F.layer_norm there; else the input's). Backward reuses the
+block's LayerNorm-backward kernel. Taken in eager mode only: under torch.compile Inductor
+generates an equivalent kernel itself.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(P, C) view of a channels_last NCHW tensor (a copy if it is not channels_last)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+class _LayerNorm2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                out_dtype: torch.dtype, keep: bool) -> Tensor:
+        from . import _kernels
+
+        n, c, h, w = x.shape
+        out, mean, rstd = _kernels.ln_fwd(_rows(x), weight, bias, eps, out_dtype,
+                                          store_stats=keep)
+        if keep:
+            ctx.save_for_backward(x, mean, rstd, weight, bias)
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        from . import _kernels
+
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        n, c, h, w = x.shape
+        do = _rows(dout)
+        if not do.is_contiguous():
+            do = do.contiguous()
+        dx, _, dw, db = _kernels.ln_bwd(_rows(x), do, mean, rstd, weight, bias, x.dtype,
+                                        rebuild_output=False)
+        return (dx.view(n, h, w, c).permute(0, 3, 1, 2), dw.to(weight.dtype),
+                db.to(bias.dtype), None, None, None)
+
+
+def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the channels of a channels_last (N, C, H, W) tensor."""
+    # F.layer_norm runs in fp32 under CUDA autocast; elsewhere it keeps the input's dtype.
+    out_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or bias.requires_grad)
+    return _LayerNorm2dFunction.apply(x, weight, bias, float(eps), out_dtype, keep)
