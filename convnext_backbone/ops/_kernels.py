@@ -296,7 +296,7 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
                              BLOCK_P=block_p, BLOCK_C=block_c,
                              num_warps=8 if block_p * block_c >= 4096 else 4)
     s = part.sum(0)
-    return dy, xn if rebuild_output else None, s[0], s[1]
+    return dy, xn if rebuild_output else None, s[0].clone(), s[1].clone()  # no aliasing outputs
 
 
 @triton.jit
