@@ -107,7 +107,8 @@ _triton_ok._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def fast_path_available(x: torch.Tensor) -> bool:
     """Whether a tensor like `x` would take the fast path (ignoring the block's options)."""
     # The kernels index with int32 offsets.
-    return (_ENABLED and (x.is_cuda or _INTERPRET) and x.dim() == 4 and x.is_floating_point()
+    return (_ENABLED and (x.is_cuda or (_INTERPRET and x.device.type == "cpu")) and x.dim() == 4
+            and x.is_floating_point()
             and x.numel() < 2**31 and _triton_ok())
 
 
@@ -147,15 +148,17 @@ def needs_backward(block: nn.Module, x: torch.Tensor) -> bool:
                                         or any(t.requires_grad for t in block_params(block)))
 
 
-def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
-    """The dispatch decision of `ConvNextBlock.forward`."""
+def _tensor_may_take_fast_path(x: torch.Tensor) -> bool:
+    """What both dispatch decisions need: switched on, a real tensor (not traced by fx,
+    TorchScript or the ONNX exporter) that the kernels can take."""
     if not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy):
         return False
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
-        return False
-    if torch.onnx.is_in_onnx_export():
-        return False
-    if not (block_supported(block) and fast_path_available(x)):
+    return not torch.onnx.is_in_onnx_export() and fast_path_available(x)
+
+
+def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
+    """The dispatch decision of `ConvNextBlock.forward`."""
+    if not (_tensor_may_take_fast_path(x) and block_supported(block)):
         return False
     if torch.compiler.is_compiling() and not _UNDER_COMPILE:
         from ._kernels import ln_mlp_supported
@@ -166,16 +169,12 @@ def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
 
 def use_fast_layer_norm(norm: nn.Module, x: torch.Tensor) -> bool:
     """The dispatch decision of `LayerNorm2d.forward` (eager mode, channels_last input)."""
-    if not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy):
+    if torch.compiler.is_compiling() or not _tensor_may_take_fast_path(x):
         return False
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-        return False
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
-        return False
-    return (norm.weight is not None and norm.bias is not None and x.dim() == 4
+    return (norm.weight is not None and norm.bias is not None
             and x.is_contiguous(memory_format=torch.channels_last)
             and len(norm.normalized_shape) == 1 and x.shape[1] == norm.normalized_shape[0]
-            and x.shape[1] <= 4096 and fast_path_available(x))
+            and x.shape[1] <= 4096)
 
 
 def layer_norm_2d(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,13 @@ def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr,
     tl.store(part_ptr + (pid * 2 + 1) * C + offs_c, tl.sum(db_acc, axis=0), mask=cmask)
 
 
+def _row_tile(P: int, C: int) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) for kernels over whole (P, C) rows: ~4096 elements."""
+    block_c = _pow2(C)
+    block_p = max(1, min(_pow2(P), 4096 // block_c))
+    return block_p, block_c, 8 if block_p * block_c >= 4096 else 4
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -281,8 +288,7 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
         lnw, lnb: (C,) affine parameters. dy_dtype: dtype of the returned input gradient.
     """
     P, C = y.shape
-    block_c = _pow2(C)
-    block_p = max(1, min(_pow2(P), 4096 // block_c))
+    block_p, block_c, num_warps = _row_tile(P, C)
     tiles = triton.cdiv(P, block_p)
     progs = min(tiles, 4 * _num_sms(y.device))
     tiles_per_prog = triton.cdiv(tiles, progs)
@@ -294,7 +300,7 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
                              lnb, dy, xn, part, P, C, tiles_per_prog,
                              HAS_YB=y_bias is not None, STORE_XN=rebuild_output,
                              BLOCK_P=block_p, BLOCK_C=block_c,
-                             num_warps=8 if block_p * block_c >= 4096 else 4)
+                             num_warps=num_warps)
     s = part.sum(0)
     return dy, xn if rebuild_output else None, s[0].clone(), s[1].clone()  # no aliasing outputs
 
@@ -302,6 +308,13 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
 @triton.jit
 def _gelu_erf(h):
     return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, ck, C: tl.constexpr):
+    """fp32 (rows, ck) tile of the conv output plus its bias."""
+    yk = tl.load(y_ptr + rows[:, None] * C + ck[None, :], mask=rmask[:, None], other=0.0)
+    return yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -324,16 +337,11 @@ def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_pt
     # LayerNorm statistics of y + conv bias over C: two passes, the second from cache.
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k in tl.static_range(NK):
-        ck = k * KC + offs_k
-        yk = tl.load(y_ptr + rows[:, None] * C + ck[None, :], mask=rmask[:, None], other=0.0)
-        yk = yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
-        s1 += tl.sum(yk, axis=1)
+        s1 += tl.sum(_conv_out_chunk(y_ptr, yb_ptr, rows, rmask, k * KC + offs_k, C), axis=1)
     mean = s1 / C
     s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k in tl.static_range(NK):
-        ck = k * KC + offs_k
-        yk = tl.load(y_ptr + rows[:, None] * C + ck[None, :], mask=rmask[:, None], other=0.0)
-        yk = yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
+        yk = _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, k * KC + offs_k, C)
         d = tl.where(rmask[:, None], yk - mean[:, None], 0.0)
         s2 += tl.sum(d * d, axis=1)
     rstd = 1.0 / tl.sqrt(s2 / C + eps)
@@ -350,8 +358,7 @@ def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_pt
         hacc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
         for k in tl.static_range(NK):
             ck = k * KC + offs_k
-            yk = tl.load(y_ptr + rows[:, None] * C + ck[None, :], mask=rmask[:, None], other=0.0)
-            yk = yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
+            yk = _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, ck, C)
             lw = tl.load(lnw_ptr + ck).to(tl.float32)
             lb = tl.load(lnb_ptr + ck).to(tl.float32)
             a = ((yk - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(cdt)
@@ -379,10 +386,7 @@ def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_pt
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
-    d = 1
-    while n % (d * 2) == 0 and d * 2 <= cap:
-        d *= 2
-    return d
+    return min(n & -n, cap)
 
 
 # Widest C the fused kernel takes. Measured on an H100 (bf16, tools/microbench_ln_mlp.py):
@@ -514,8 +518,7 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     """LayerNorm over C of (P, C) contiguous rows, statistics in fp32; returns
     (out, mean, rstd), the statistics None unless `store_stats`."""
     P, C = x.shape
-    block_c = _pow2(C)
-    block_p = max(1, min(_pow2(P), 4096 // block_c))
+    block_p, block_c, num_warps = _row_tile(P, C)
     out = torch.empty((P, C), device=x.device, dtype=out_dtype)
     if store_stats:
         mean = torch.empty((P,), device=x.device, dtype=torch.float32)
@@ -525,5 +528,5 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     _ln_fwd_kernel[(triton.cdiv(P, block_p),)](x, weight, bias, out, mean, rstd, P, C, eps,
                                                STORE_STATS=store_stats, BLOCK_P=block_p,
                                                BLOCK_C=block_c,
-                                               num_warps=8 if block_p * block_c >= 4096 else 4)
+                                               num_warps=num_warps)
     return (out, mean, rstd) if store_stats else (out, None, None)

@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
+from . import block_params, compute_dtype, needs_backward
+
 __all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN"]
 
 CONV_TRITON = 0
@@ -286,8 +289,6 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
         block: the module whose parameters are used (names unchanged).
         x: (N, C, H, W) input; made channels_last if it is not.
     """
-    from . import block_params, compute_dtype, needs_backward
-
     keep = needs_backward(block, x)
     x = x.contiguous(memory_format=torch.channels_last)
     args = (x, *block_params(block), float(block.norm.eps), compute_dtype(x), conv_impl(), keep)
