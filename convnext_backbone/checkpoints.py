@@ -25,7 +25,6 @@ This module imports torch and the standard library; safetensors is imported when
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -438,7 +437,10 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
         ValueError: none of the formats' key layouts is present.
     """
     state_dict = _as_state_dict(state_dict)
-    fmt, _, _ = _detect(state_dict)
+    return _detected_or_raise(_detect(state_dict)[0], state_dict)
+
+
+def _detected_or_raise(fmt: Optional[str], state_dict: Mapping[str, Any]) -> str:
     if fmt is None:
         raise ValueError(
             f"Unrecognised checkpoint layout: none of the formats {list(FORMATS)} matches. "
@@ -478,7 +480,7 @@ def to_canonical(state_dict: Mapping[str, Any], src_format: Optional[str] = None
     state_dict = _as_state_dict(state_dict)
     detected, prefix, _ = _detect(state_dict)
     if src_format is None:
-        src_format = detect_format(state_dict)
+        src_format = _detected_or_raise(detected, state_dict)
     elif src_format not in FORMATS:
         raise ValueError(f"Unknown format {src_format!r}; valid: {list(FORMATS)}")
     elif detected != src_format:
@@ -737,7 +739,12 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, Any], strict: boo
     Raises:
         CheckpointMismatchError: strict loading with missing/unexpected/mismatched keys.
     """
-    canonical, conversion = to_canonical(state_dict, src_format)
+    return _load_canonical(model, *to_canonical(state_dict, src_format), strict=strict)
+
+
+def _load_canonical(model: torch.nn.Module, canonical: StateDict, conversion: "ConversionReport",
+                    strict: bool) -> LoadReport:
+    """`load_into` after the conversion to canonical names."""
     report = LoadReport(source_format=conversion.src_format,
                         unexpected_keys=list(conversion.unrecognised),
                         ignored_keys=list(conversion.ignored))
@@ -840,9 +847,7 @@ def load_pretrained(cls: type, path: PathLike, strict: bool = True,
     state_dict = load_checkpoint(weights_path, map_location=map_location)
     canonical, conversion = to_canonical(state_dict)
     if config_path is not None and os.path.isfile(config_path):
-        with open(config_path, "r", encoding="utf-8") as f:
-            stored = json.load(f)
-        config = ConvNextConfig.from_dict(_clean_config_dict(stored), **overrides)
+        config = ConvNextConfig.from_json_file(config_path, **overrides)
     else:
         if conversion.src_format != "transformers":
             # The official/timm/torchvision/mmpretrain final norms use eps 1e-6.
@@ -853,22 +858,9 @@ def load_pretrained(cls: type, path: PathLike, strict: bool = True,
     except TypeError as e:
         raise ValueError(f"{cls.__name__} does not accept {sorted(ctor_kwargs)} ({e}); "
                          f"valid overrides are ConvNextConfig fields") from None
-    report = load_into(model, state_dict, strict=strict, src_format=conversion.src_format)
+    report = _load_canonical(model, canonical, conversion, strict=strict)
     model.load_report = report
     return model.eval()
-
-
-def _clean_config_dict(stored: Dict[str, Any]) -> Dict[str, Any]:
-    """A transformers (or our own) config.json as `ConvNextConfig.from_dict` arguments."""
-    known = set(ConvNextConfig.__init__.__code__.co_varnames) | {"model_type", "stage_names"}
-    args = {k: v for k, v in stored.items() if k in known or not k.startswith("_")}
-    # transformers may store private backbone fields.
-    for private in ("_out_features", "_out_indices"):
-        if private in stored and stored[private] is not None:
-            args.setdefault(private[1:], stored[private])
-    if args.get("model_type") == "convnextv2":
-        args.setdefault("use_grn", True)
-    return args
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike,
@@ -885,8 +877,16 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike,
     from .io_utils import atomic_write
 
     path = os.fspath(path)
-    # Contiguous, unshared copies: safetensors refuses shared storage.
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    # Contiguous, and a copy only where storage is shared (safetensors refuses that), so
+    # peak memory does not double for large models.
+    tensors, seen = {}, set()
+    for k, v in state_dict.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            v = v.clone()
+        seen.add(ptr)
+        tensors[k] = v
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 

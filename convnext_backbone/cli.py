@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from . import checkpoints as ckpt
+from .configuration import ConvNextConfig
 
 __all__ = ["convert_main", "build_parser"]
 
@@ -62,8 +63,12 @@ def convert_main(argv: Optional[List[str]] = None) -> int:
     """
     args = build_parser().parse_args(argv)
     src = args.src
+    stored_config = None
     try:
         if os.path.isdir(src):
+            if os.path.isfile(os.path.join(src, "config.json")):
+                # labels, eps and out_features live only there
+                stored_config = ConvNextConfig.from_pretrained(src)
             src = ckpt._find_weights(src)
         state_dict = ckpt.load_checkpoint(src)
         bar = _progress_bar(len(state_dict), "converting", args.no_progress)
@@ -78,7 +83,7 @@ def convert_main(argv: Optional[List[str]] = None) -> int:
         if bar is not None:
             bar.close()
         try:
-            config = ckpt.infer_config(canonical)
+            config = stored_config or ckpt.infer_config(canonical)
         except ValueError as e:  # e.g. a partial checkpoint: still convertible
             config = None
             config_note = f"not inferred ({e})"

@@ -235,7 +235,12 @@ class ConvNextConfig:
 
     @classmethod
     def from_dict(cls, config_dict: Dict[str, Any], **overrides: Any) -> "ConvNextConfig":
-        args = dict(config_dict)
+        # Private keys are transformers' bookkeeping, except its backbone fields, which
+        # some versions store only privately.
+        args = {k: v for k, v in config_dict.items() if not k.startswith("_")}
+        for private in ("_out_features", "_out_indices"):
+            if config_dict.get(private) is not None:
+                args.setdefault(private[1:], config_dict[private])
         args.update(overrides)
         model_type = args.pop("model_type", None)
         if model_type not in (None, "convnext", "convnextv2"):

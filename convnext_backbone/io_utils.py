@@ -9,6 +9,15 @@ from typing import Callable, Iterator, Union
 __all__ = ["atomic_write", "atomic_write_text"]
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Union[str, os.PathLike]) -> Iterator[str]:
     """Yields a temporary path in the target's folder; renamed over `path` on success."""
@@ -21,6 +30,9 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp (and some writers, e.g. safetensors) create 0600 files; a plain open()
+        # would honour the umask. Set after writing, since a writer may recreate the file.
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

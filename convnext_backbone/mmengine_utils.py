@@ -22,7 +22,7 @@ from typing import Any, List, Tuple, Union
 
 import torch
 
-__all__ = ["safe_globals", "enable_safe_resume", "enable_atomic_checkpoints",
+__all__ = ["safe_globals", "enable_safe_resume", "enable_atomic_checkpoints", "skip_pretrained_files",
            "setup_mmengine", "restricted_getattr"]
 
 # (owner, attribute) pairs `restricted_getattr` may resolve: HistoryBuffer's default
@@ -125,3 +125,16 @@ def setup_mmengine() -> None:
     enable_safe_resume()
     enable_atomic_checkpoints()
 
+
+
+def skip_pretrained_files(cfg: Any) -> None:
+    """Makes `cfg.model` build without reading ImageNet weights (the caller loads a
+    trained checkpoint, or needs none): the segmentor's `backbone.init_cfg` and the
+    detector's `checkpoint` argument."""
+    model = cfg.get("model")
+    if not isinstance(model, dict):
+        return
+    if isinstance(model.get("backbone"), dict):
+        model["backbone"]["init_cfg"] = None
+    if "checkpoint" in model:
+        model["checkpoint"] = None

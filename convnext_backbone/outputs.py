@@ -25,6 +25,11 @@ class ModelOutput(OrderedDict):
             return dict.__getitem__(self, key)
         return self.to_tuple()[key]
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # Keep attribute and key access in step, as transformers' ModelOutput does.
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.keys() and value is not None:
             super().__setitem__(name, value)

@@ -301,10 +301,15 @@ def maskrcnn_convnext_fpn(arch_or_config: ArchOrConfig = "tiny", *, num_classes:
     _box_head(detector_kwargs, out_channels, box_representation_size, num_classes)
     _anchors(detector_kwargs, anchor_sizes, backbone)
     mask_head_channels = tuple(int(c) for c in mask_head_channels)
-    if mask_head_channels != (256, 256, 256, 256) and "mask_head" not in detector_kwargs:
+    custom_mask_head = mask_head_channels != (256, 256, 256, 256)
+    if custom_mask_head and "mask_head" not in detector_kwargs:
+        detector_kwargs["mask_head"] = MaskRCNNHeads(out_channels, mask_head_channels, dilation=1)
+    # With a box predictor built above, MaskRCNN gets num_classes=None and cannot size
+    # its mask predictor itself.
+    if (custom_mask_head or "box_predictor" in detector_kwargs) and \
+            "mask_predictor" not in detector_kwargs:
         from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
-        detector_kwargs["mask_head"] = MaskRCNNHeads(out_channels, mask_head_channels, dilation=1)
         detector_kwargs["mask_predictor"] = MaskRCNNPredictor(mask_head_channels[-1],
                                                               mask_head_channels[-1], num_classes)
     needs_num_classes = "box_predictor" not in detector_kwargs

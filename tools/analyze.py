@@ -32,11 +32,12 @@ def build_model(config: str, cfg_options: Optional[Dict[str, Any]] = None) -> nn
     from mmengine.config import Config
     from mmengine.registry import DefaultScope, MODELS
 
+    from convnext_backbone.mmengine_utils import skip_pretrained_files
+
     cfg = Config.fromfile(config)  # imports cfg.custom_imports
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    if isinstance(cfg.model.get("backbone"), dict):
-        cfg.model.backbone.init_cfg = None
+    skip_pretrained_files(cfg)
     scope = cfg.get("default_scope", None)
     name = f"analyze-{id(cfg)}"
     if scope is not None and not DefaultScope.check_instance_created(name):

@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    from convnext_backbone.mmengine_utils import setup_mmengine
+    from convnext_backbone.mmengine_utils import setup_mmengine, skip_pretrained_files
 
     setup_mmengine()  # checkpoints load with weights_only=True
     cfg = Config.fromfile(args.config)
@@ -63,9 +63,7 @@ def main(argv=None) -> dict:
     elif cfg.get("work_dir", None) is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
-    # The weights come from the checkpoint: do not read pretrained backbone files.
-    if isinstance(cfg.get("model"), dict) and isinstance(cfg.model.get("backbone"), dict):
-        cfg.model.backbone.init_cfg = None
+    skip_pretrained_files(cfg)  # the weights come from the checkpoint
     if args.tta:
         if "tta_model" not in cfg or "tta_pipeline" not in cfg:
             raise SystemExit(f"--tta needs `tta_model` and `tta_pipeline` in {args.config}")
