@@ -26,3 +26,21 @@ def tiny_config():
     from convnext_backbone import ConvNextConfig
 
     return ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1])
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """A list that grows by one per torch.utils.checkpoint.checkpoint call: tests of
+    gradient checkpointing assert it really ran (equal results alone would also pass if
+    checkpointing were silently off)."""
+    import torch.utils.checkpoint
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    return calls

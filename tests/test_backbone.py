@@ -75,16 +75,17 @@ def test_feature_maps_are_out_norms_of_hidden_states(tiny_config):
     model = ConvNextBackbone(tiny_config.copy(out_indices=[0, 1, 2, 3, 4])).eval()
     for p in model.parameters():  # non-trivial norms, so a swapped norm would show
         torch.nn.init.normal_(p, 0.5, 0.2)
-    out = model(torch.randn(1, 3, 64, 64), output_hidden_states=True)
+    x = torch.randn(1, 3, 64, 64)
+    out = model(x, output_hidden_states=True)
     assert len(out.hidden_states) == 5
-    for name, fmap, hidden in zip(ALL_STAGES, out.feature_maps, out.hidden_states):
-        norm = getattr(model, model.out_norm_name(name))
+    norm_names = ["norm_stem", "norm0", "norm1", "norm2", "norm3"]  # the official layout
+    for norm_name, fmap, hidden in zip(norm_names, out.feature_maps, out.hidden_states):
+        norm = getattr(model, norm_name)
         ref = F.layer_norm(hidden.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
                            1e-6).permute(0, 3, 1, 2)
         torch.testing.assert_close(fmap, ref)
-    # stem output = stem conv + LN, before stage1's blocks
-    stem = model.downsample_layers[0](torch.zeros(1, 3, 64, 64))
-    assert out.hidden_states[0].shape == stem.shape
+    # stem output = stem conv + LN, before stage1's blocks (same shape as stage1's output)
+    torch.testing.assert_close(out.hidden_states[0], model.downsample_layers[0](x))
 
 
 @pytest.mark.parametrize("size", [(64, 64), (65, 97), (33, 250), (31, 31), (1, 1)])
@@ -168,7 +169,7 @@ def test_initialisation_follows_initializer_range():
 
 
 @pytest.mark.parametrize("variant", ["tiny", "v2-atto"])
-def test_gradient_checkpointing_gives_identical_outputs_and_grads(variant):
+def test_gradient_checkpointing_gives_identical_outputs_and_grads(variant, checkpoint_calls):
     cfg = ConvNextConfig.from_variant(variant, hidden_sizes=[8, 16, 32, 64], depths=[2, 1, 2, 1],
                                       drop_path_rate=0.2, out_features=ALL_STAGES)
     torch.manual_seed(0)
@@ -185,8 +186,10 @@ def test_gradient_checkpointing_gives_identical_outputs_and_grads(variant):
         return [o.detach() for o in out], [p.grad.clone() for p in model.parameters()]
 
     ref_out, ref_grads = run()
+    assert not checkpoint_calls
     model.gradient_checkpointing_enable()
     out, grads = run()
+    assert len(checkpoint_calls) == sum(cfg.depths)  # every block checkpointed
     for a, b in zip(out + grads, ref_out + ref_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -260,7 +263,7 @@ def test_classifier_losses(tiny_config):
     assert features(x).logits.shape == (4, 64)
 
 
-def test_classifier_hidden_states_and_checkpointing(tiny_config):
+def test_classifier_hidden_states_and_checkpointing(tiny_config, checkpoint_calls):
     model = ConvNextForImageClassification(tiny_config.copy(num_labels=3)).train()
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)
@@ -268,6 +271,7 @@ def test_classifier_hidden_states_and_checkpointing(tiny_config):
     model.gradient_checkpointing_enable()
     torch.manual_seed(0)
     out = model(x, output_hidden_states=True)
+    assert len(checkpoint_calls) == sum(tiny_config.depths)
     assert len(out.hidden_states) == 5
     torch.testing.assert_close(out.logits, ref.logits)
 

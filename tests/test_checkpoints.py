@@ -572,6 +572,18 @@ def test_convert_to_transformers_directory_loads_in_transformers(tmp_path) -> No
         assert (hf(x).logits - ref(x).logits).abs().max().item() <= 1e-5
 
 
+def test_convert_directory_keeps_its_config(tmp_path) -> None:
+    # Labels, eps and out_features live only in config.json: converting a directory keeps
+    # them instead of re-inferring the architecture from the tensors.
+    source = _classifier(num_labels=3)
+    source.config.id2label = {0: "cat", 1: "dog", 2: "bird"}
+    source.save_pretrained(tmp_path / "ours")
+    assert convert_main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "transformers",
+                         "--no-progress"]) == 0
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["id2label"] == {"0": "cat", "1": "dog", "2": "bird"}
+
+
 def test_convert_to_official_det_seg_layout(tmp_path) -> None:
     backbone = _backbone(out_features=["stage1", "stage2", "stage3", "stage4"])
     src = tmp_path / "hf.safetensors"
@@ -608,3 +620,16 @@ def test_checkpoint_modules_import_torch_only() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_saved_files_honour_the_umask(tmp_path):
+    # Atomic writes go through mkstemp (mode 0600); the result must get the mode any file
+    # the user writes gets (readable by colleagues on a shared cluster with umask 022).
+    from convnext_backbone.io_utils import atomic_write_text
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    ck.save_state_dict({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    for name in ("a.json", "w.safetensors"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o666 & ~umask, name

@@ -95,6 +95,31 @@ def test_dict_and_json_round_trip(tmp_path):
     assert ConvNextConfig.from_pretrained(tmp_path, out_indices=[1]).out_features == ["stage1"]
 
 
+def test_from_dict_reads_transformers_private_backbone_fields():
+    # Some transformers versions store the backbone fields only privately; other private
+    # keys are bookkeeping and are dropped.
+    stored = dict(ConvNextConfig().to_dict(), _out_features=["stage2", "stage4"],
+                  _name_or_path="somewhere", _commit_hash="abc")
+    stored.pop("out_features", None)
+    stored.pop("out_indices", None)
+    cfg = ConvNextConfig.from_dict(stored)
+    assert cfg.out_features == ["stage2", "stage4"]
+    assert not any(k.startswith("_") for k in cfg.to_dict())
+
+
+def test_model_output_key_and_attribute_stay_in_step():
+    import torch
+
+    from convnext_backbone.outputs import BackboneOutput
+
+    out = BackboneOutput(feature_maps=(torch.zeros(1),))
+    new = (torch.ones(1),)
+    out["feature_maps"] = new
+    assert out.feature_maps is new and out[0] is new
+    out.feature_maps = (torch.zeros(2),)
+    assert out["feature_maps"] is out.feature_maps
+
+
 @pytest.mark.parametrize("variant", ["tiny", "v2-atto"])
 def test_config_json_is_readable_by_transformers(tmp_path, variant):
     transformers = pytest.importorskip("transformers")

@@ -87,7 +87,7 @@ def test_argument_errors_and_aliases():
     assert v2.config.use_grn and v2.stages[0][0].gamma is None and v2.channels == [40, 80, 160, 320]
 
 
-def test_frozen_stages_and_with_cp():
+def test_frozen_stages_and_with_cp(checkpoint_calls):
     torch.manual_seed(0)
     frozen = ConvNeXt(arch=SMALL, frozen_stages=2).train()
     assert not any(p.requires_grad for p in frozen.stages[1].parameters())
@@ -101,6 +101,7 @@ def test_frozen_stages_and_with_cp():
     x = torch.randn(2, 3, 64, 64)
     for model in (plain, cp):
         sum(o.square().mean() for o in model(x)).backward()
+    assert len(checkpoint_calls) == sum(cp.config.depths)  # with_cp really checkpoints, every block
     for (name, a), (_, b) in zip(plain.named_parameters(), cp.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 

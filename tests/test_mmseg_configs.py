@@ -88,6 +88,15 @@ def test_parameter_counts_match_the_paper(name):
     assert abs(params / 1e6 - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.01, params
 
 
+def test_tools_build_without_pretrained_files():
+    # tools/test.py and analyze build the model without reading ImageNet weights: the
+    # segmentor's init_cfg and the detector's `checkpoint` argument are both dropped.
+    model = analyze.build_model(
+        osp.join(REPO, "configs/convnext/convnext-demo_mask-rcnn_fpn_1xb4-300it_tiny-shapes-128.py"),
+        {"model.checkpoint": "/nonexistent/imagenet.pth"})
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
 def test_analyze_tool_params_and_flops():
     config = osp.join(REPO, "configs", "convnext", "convnext-demo_upernet_1xb8-1000it_tiny-ade20k-128x128.py")
     result = analyze.analyze(config, shape=(128, 128))

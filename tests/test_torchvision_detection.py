@@ -116,6 +116,14 @@ def test_maskrcnn_tiny_has_paper_param_count():
     assert model.transform.min_size == (800,) and model.transform.max_size == 1333
 
 
+def test_maskrcnn_custom_box_head_with_default_mask_head():
+    # A non-default box head means MaskRCNN gets num_classes=None: the mask predictor must
+    # still be sized for the classes.
+    model = maskrcnn_convnext_fpn(TINY, num_classes=4, out_channels=32, box_representation_size=64)
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+
+
 def test_drop_path_defaults_per_size():
     small = fasterrcnn_convnext_fpn(dict(TINY), num_classes=3)
     assert small.backbone.body.config.drop_path_rate == 0.0  # a config keeps its own value
@@ -160,9 +168,9 @@ def test_maskrcnn_train_losses_and_eval_detections():
         n = det["boxes"].shape[0]
         assert det["boxes"].shape == (n, 4) and det["scores"].shape == (n,)
         assert det["masks"].shape == (n, 1, h, w)  # back at the input image size
-        if n:
-            assert det["labels"].min() >= 1 and det["labels"].max() <= 2
-            assert float(det["boxes"][:, 2].max()) <= w and float(det["boxes"][:, 3].max()) <= h
+        assert n > 0  # score_thresh 0: an empty result would skip the checks below
+        assert det["labels"].min() >= 1 and det["labels"].max() <= 2
+        assert float(det["boxes"][:, 2].max()) <= w and float(det["boxes"][:, 3].max()) <= h
 
 
 def test_fasterrcnn_train_and_eval():
