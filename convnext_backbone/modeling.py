@@ -132,6 +132,9 @@ class ConvNextBlock(nn.Module):
         # outputs within rounding. CONVNEXT_FAST_PATH=0 forces the code below.
         if _ops.use_fast_path(self, x):
             return _ops.block_forward(self, x)
+        # CPU fp32 inference: the pointwise layers in oneDNN with fused epilogues.
+        if _ops.use_cpu_path(self, x):
+            return _ops.cpu_block_forward(self, x)
         shortcut = x
         x = self.dwconv(x)
         x = x.permute(0, 2, 3, 1)

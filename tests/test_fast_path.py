@@ -19,6 +19,7 @@ import torch
 
 from convnext_backbone import ConvNextBackbone, ConvNextConfig, ops
 from convnext_backbone.modeling import ConvNextBlock
+from convnext_backbone.ops import cpu as ops_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -73,7 +74,7 @@ def test_cpu_dispatch_uses_reference_path():
     block = ConvNextBlock(16, layer_scale_init_value=0.5)
     x = torch.randn(2, 16, 9, 9)
     if not ops._INTERPRET:
-        assert not ops.use_fast_path(block, x)
+        assert not ops.use_fast_path(block, x)  # the Triton path; CPU has its own below
     assert ops.block_supported(block)
 
 
@@ -95,6 +96,114 @@ def test_env_var_disables(monkeypatch):
     finally:
         monkeypatch.delenv("CONVNEXT_FAST_PATH")
         assert ops.refresh_from_env() is True
+
+
+# ------------------------------------------------------------- CPU: oneDNN inference path
+ONEDNN = ops_cpu.mkldnn_linear_ok()
+BLOCK_VARIANTS = {  # every block option the CPU path takes, one model each
+    "v1": dict(),
+    "v2_grn": dict(use_grn=True, layer_scale_init_value=0.0),
+    "gelu_tanh": dict(hidden_act="gelu_new"),
+    "relu": dict(hidden_act="relu"),
+    "selu": dict(hidden_act="selu"),
+    "no_layer_scale": dict(layer_scale_init_value=0.0),
+}
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the oneDNN fused-linear calls, so a test knows which path really ran."""
+    for attr, algorithm in [("gelu", "none"), ("gelu", "tanh"), ("relu", "")]:
+        ops_cpu.mkldnn_linear_ok(attr, algorithm)  # probe now, so probes are not counted
+    calls = []
+    real = ops_cpu._linear_add
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(ops_cpu, "_linear_add", counting)
+    return calls
+
+
+def _cpu_model(**options) -> ConvNextBackbone:
+    torch.manual_seed(0)
+    cfg = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1],
+                         out_features=STAGES, **{"layer_scale_init_value": 0.5, **options})
+    m = ConvNextBackbone(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, GRN and layer scale, so every term matters
+        for name, p in m.named_parameters():
+            if p.dim() == 1 or "grn" in name:
+                p.normal_(0.0, 0.3).add_(1.0 if "norm" in name and "weight" in name else 0.0)
+    return m
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no usable oneDNN fused linear")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("variant", sorted(BLOCK_VARIANTS))
+def test_cpu_inference_path_matches_reference(variant, channels_last, onednn_calls):
+    model = _cpu_model(**BLOCK_VARIANTS[variant])
+    x = torch.randn(2, 3, 69, 75)  # odd sizes: padding in every stage
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    with torch.no_grad(), ops.fast_path(False):
+        ref = model(x).feature_maps
+    assert not onednn_calls
+    with torch.no_grad():
+        fast = model(x).feature_maps
+    assert len(onednn_calls) == 5  # every block
+    for f, r in zip(fast, ref):
+        assert f.shape == r.shape and f.dtype == r.dtype == torch.float32
+        assert _rel(f, r) <= 1e-5, variant
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no usable oneDNN fused linear")
+def test_cpu_path_only_for_inference(onednn_calls):
+    """Autograd (the oneDNN ops have no derivative), autocast, stochastic depth in training,
+    FLOP counters, jit tracing and the switches all keep the reference path."""
+    block = ConvNextBlock(16, layer_scale_init_value=0.5, drop_path=0.3).eval()
+    x = torch.randn(1, 16, 8, 8)
+    assert ops.use_cpu_path(block, x) is False  # parameters require grad
+    with torch.no_grad():
+        assert ops.use_cpu_path(block, x)
+        assert not ops.use_cpu_path(block.train(), x)  # drop path active
+        block.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not ops.use_cpu_path(block, x)
+        assert not ops.use_cpu_path(block, x.double())
+        with ops.fast_path(False):
+            assert not ops.use_cpu_path(block, x)
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not ops.use_cpu_path(block, x)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:  # counters see aten's addmm
+            block(x)
+        assert counter.get_total_flops() > 2 * 2 * 64 * 16 * 64 and not onednn_calls
+        traced = torch.jit.trace(block, x, check_trace=False)  # records aten's ops
+        assert "mkldnn" not in str(traced.graph) and not onednn_calls
+    out = block(x.requires_grad_(True))
+    out.sum().backward()
+    assert x.grad is not None and not onednn_calls
+    block.requires_grad_(False)
+    assert ops.use_cpu_path(block, x.detach())  # frozen model: no grad needed
+
+
+def test_cpu_path_probe_failure_falls_back(monkeypatch):
+    """A build whose oneDNN op fails or disagrees is not used: the reference path runs."""
+    monkeypatch.setattr(ops_cpu, "_PROBED", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mkldnn::_linear_pointwise unavailable")
+
+    monkeypatch.setattr(ops_cpu, "_linear_pointwise", broken)
+    block = ConvNextBlock(16).eval()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        assert not ops.use_cpu_path(block, x)
+        out = block(x)  # no error: reference path
+    assert out.shape == x.shape
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@
 user to do: the fast path is taken for CUDA tensors when Triton imports, for V1 blocks
 (layer scale on, exact GELU, no GRN) and when drop path is inactive; everything else
 (CPU, ONNX export, torch.fx tracing, TorchScript, V2/GRN, other activations) runs the
-reference path. `LayerNorm2d` (stem, downsampling, output norms) likewise takes Triton
+reference path. On CPU, fp32 inference blocks (no autograd) run their pointwise layers
+through oneDNN's fused linear ops instead (`use_cpu_path`, `convnext_backbone.ops.cpu`).
+`LayerNorm2d` (stem, downsampling, output norms) likewise takes Triton
 kernels for channels_last CUDA tensors in eager mode (`use_fast_layer_norm`). Parameter
 names and checkpoints are the same on both paths.
 
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["fast_path", "fast_path_enabled", "fast_path_available", "use_fast_path",
-           "block_forward", "block_supported", "refresh_from_env", "compute_dtype",
+           "block_forward", "use_cpu_path", "cpu_block_forward", "block_supported", "refresh_from_env", "compute_dtype",
            "needs_backward", "use_fast_layer_norm", "layer_norm_2d"]
 
 
@@ -145,7 +147,7 @@ def block_params(block: nn.Module):
 def needs_backward(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether autograd will ask this block for gradients (else nothing is kept for it)."""
     return torch.is_grad_enabled() and (x.requires_grad
-                                        or any(t.requires_grad for t in block_params(block)))
+                                        or any(p.requires_grad for p in block.parameters()))
 
 
 def _tensor_may_take_fast_path(x: torch.Tensor) -> bool:
@@ -165,6 +167,31 @@ def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
 
         return not needs_backward(block, x) and ln_mlp_supported(x.shape[1], compute_dtype(x))
     return True
+
+
+def use_cpu_path(block: nn.Module, x: torch.Tensor) -> bool:
+    """The CPU dispatch decision of `ConvNextBlock.forward`: eager fp32 inference on CPU."""
+    if (not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy)
+            or x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or needs_backward(block, x)):
+        return False
+    # FLOP counters and other dispatch modes (torch.utils.flop_counter) know aten's ops,
+    # not oneDNN's; fvcore/mmengine's counters trace (caught above).
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None:
+        return False
+    from . import cpu
+
+    return cpu.block_supported(block, x)
+
+
+def cpu_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs `block` with oneDNN's fused linear ops (see `convnext_backbone.ops.cpu`)."""
+    from .cpu import block_forward as _impl
+
+    return _impl(block, x)
 
 
 def use_fast_layer_norm(norm: nn.Module, x: torch.Tensor) -> bool:

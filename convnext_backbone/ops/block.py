@@ -9,10 +9,10 @@ Forward, on NHWC pixels (a channels_last NCHW tensor, no permute copy):
     h = xn @ W1^T + b1
     z = gelu(h) @ W2^T + b2
     out = x + gamma * z
-In bf16/fp16 everything after the conv is one Triton kernel (`_kernels.ln_mlp_residual`):
-xn, gelu(h) and z never reach memory, and h is written only when backward needs it. In
-fp32 (exact cuBLAS products wanted) the steps run as aten LayerNorm, cuBLAS addmm, aten
-gelu and one addcmul.
+In bf16/fp16 at widths <= 256 everything after the conv is one Triton kernel
+(`_kernels.ln_mlp_residual`): xn, gelu(h) and z never reach memory, and h is written only
+when backward needs it. Wider blocks, and fp32 (exact cuBLAS products wanted), run a
+Triton LayerNorm, cuBLAS addmm, aten gelu and one addcmul.
 Saved for backward: the conv input (x, or its bf16 copy with cuDNN under autocast), y, h,
 mean, rstd. Backward: GELU backward in Triton (also giving gelu(h) and pwconv1's bias
 gradient in the same pass), LayerNorm backward in Triton (rebuilding xn), the conv's gradients
@@ -117,9 +117,9 @@ def _block_fwd_impl(x: Tensor, dw_weight: Tensor, dw_bias: Tensor, ln_weight: Te
             h, mean, rstd = saved if saved is not None else _nothing_saved(x, cdt)
             return out, y, h, mean, rstd, xs
         if conv_impl == CONV_CUDNN:
-            xn, mean, rstd = torch.native_layer_norm(y, [c], ln_weight.to(cdt), ln_bias.to(cdt),
-                                                     eps)
-            mean, rstd = mean.view(p).float(), rstd.view(p).float()
+            # Triton: aten's LayerNorm gives each short row its own thread block.
+            xn, mean, rstd = _kernels.ln_fwd(y, ln_weight, ln_bias, eps, cdt,
+                                             store_stats=keep_for_backward)
         else:
             taps = dw_weight.reshape(c, 49).t().contiguous()
             y, xn, mean, rstd = _kernels.dwconv7(xf, taps, dw_bias, n, hh, ww, c, cdt,
