@@ -126,6 +126,9 @@ class ConvNextBlock(nn.Module):
         self.gamma = (nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
                       if layer_scale_init_value > 0 else None)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # Set by the stage for every block but its last: the output is the next block's
+        # input, so the fast path also writes it in the compute dtype for that block's conv.
+        self.feeds_block = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Fused Triton fast path (CUDA + Triton, V1 block options); identical parameters,
@@ -230,6 +233,8 @@ class ConvNextPreTrainedModel(nn.Module):
                               hidden_act=cfg.hidden_act, use_grn=cfg.use_grn)
                 for j in range(depth)
             ]))
+            for block in list(self.stages[i])[:-1]:
+                block.feeds_block = True
             start += depth
 
     def _run_blocks(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,28 @@ def _run(model, x, fast: bool, amp: bool):
     return [f.detach().float() for f in feats], grads
 
 
+@pytest.fixture(autouse=True)
+def _fast_path_at_every_size(monkeypatch):
+    """Test inputs are small: without this, their training blocks would take the reference
+    path (`ops.MIN_TRAIN_PIXELS`) and fast-vs-reference comparisons would compare the
+    reference with itself."""
+    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 0)
+
+
 # ----------------------------------------------------------------------------- CPU
+def test_small_training_blocks_take_reference_path(monkeypatch):
+    monkeypatch.setattr(ops, "fast_path_available", lambda x: True)  # as on a GPU
+    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 2 * 16 * 16)
+    block = ConvNextBlock(8)
+    small, large = torch.randn(1, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    assert not ops.use_fast_path(block, small)  # parameters need gradients
+    assert ops.use_fast_path(block, large)
+    with torch.no_grad():  # inference takes the fast path at any size
+        assert ops.use_fast_path(block, small)
+    block.requires_grad_(False)
+    assert ops.use_fast_path(block, small)
+
+
 def test_fast_path_switches_restore_state():
     before = (ops.fast_path_enabled(), ops._UNDER_COMPILE)
     with ops.fast_path(False, under_compile=True):
@@ -226,7 +247,8 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
         if amp:
             assert [_kernels.ln_mlp_supported(c, torch.float16) for c in widths] == [True, True, True, False]
         torch.manual_seed(0)
-        cfg = ConvNextConfig(hidden_sizes=widths, depths=[1, 1, 1, 1],
+        # Two blocks in stages 2 and 4: the first writes the second's low-precision input.
+        cfg = ConvNextConfig(hidden_sizes=widths, depths=[1, 2, 1, 2],
                              out_features=["stage1", "stage2", "stage3", "stage4"],
                              layer_scale_init_value=0.5)
         m = ConvNextBackbone(cfg)
@@ -257,8 +279,39 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
         print("ERR", worst, worst_i, worst_g, worst_x)
         tol = 1e-2 if amp else 1e-4
         assert max(worst, worst_i, worst_g, worst_x) < tol, (worst, worst_i, worst_g, worst_x)
+        if amp:  # the compute-dtype copy handed to the next block (fused and wide blocks)
+            from convnext_backbone.ops import block as fb
+            for stage in (m.stages[1], m.stages[3]):
+                c = stage[0].dwconv.in_channels
+                for ctx in (torch.no_grad, torch.inference_mode):
+                    with ctx(), torch.autocast("cpu", torch.float16):
+                        t = torch.randn(2, c, 5, 9).contiguous(memory_format=torch.channels_last)
+                        mid = stage[0](t)
+                        if os.environ["CONVNEXT_DWCONV"] == "triton":  # reads x directly
+                            assert not hasattr(mid, fb._LOW_PRECISION_ATTR)
+                            continue
+                        copy, _ = getattr(mid, fb._LOW_PRECISION_ATTR)
+                        assert torch.equal(copy, mid.half()) and mid.dtype == torch.float32
+                        assert not hasattr(stage[1](mid), fb._LOW_PRECISION_ATTR)  # last block
+                        assert torch.equal(stage[1](mid), stage[1](mid.clone()))
+                        if ctx is torch.no_grad:  # a changed input is not read from the copy
+                            mid.mul_(2.0)
+                            assert torch.equal(stage[1](mid), stage[1](mid.clone()))
+                # Inference keeps compute-dtype weight copies: a weight changed in place
+                # (load_state_dict, an optimizer step) must be seen by the next call.
+                blk = stage[1]
+                with torch.no_grad(), torch.autocast("cpu", torch.float16):
+                    before = blk(t)
+                    for w in (blk.pwconv1.weight, blk.pwconv2.bias, blk.dwconv.weight):
+                        w.mul_(1.5)
+                        after = blk(t)
+                        with ops.fast_path(False):
+                            ref = blk(t)
+                        assert not torch.equal(after, before) and rel(after, ref) < 1e-2
+                        before = after
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, CONVNEXT_DWCONV=conv_impl,
+               CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS="0",
                AMP="1" if amp else "0")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)

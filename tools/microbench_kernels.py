@@ -17,8 +17,11 @@ def main() -> None:
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     dt = torch.bfloat16
+    # cudnn dgrad: cuDNN's input-gradient kernel; flip fwd: the same gradient as a forward
+    # conv with mirrored taps (what the fast path runs); cudnn wgrad: weight gradient only.
     print(f"{'shape (N,C,H,W)':>22} {'tri fwd+ln':>10} {'cudnn+ln':>9} {'tri dgrad':>9} "
-          f"{'tri wgrad':>9} {'cudnn bwd':>9} {'ln_bwd':>7} {'copy MB/ms':>10}")
+          f"{'cudnn dgrad':>11} {'flip fwd':>8} {'tri wgrad':>9} {'cudnn wgrad':>11} "
+          f"{'ln_bwd':>7} {'copy MB/ms':>10}")
     for n, c, h, w in [(32, 96, 128, 128), (32, 192, 64, 64), (32, 384, 32, 32), (32, 768, 16, 16),
                        (128, 96, 56, 56), (128, 384, 14, 14)]:
         p = n * h * w
@@ -41,14 +44,20 @@ def main() -> None:
         t_dg = bench(lambda: _kernels.dwconv7(dy, taps, None, n, h, w, c, torch.float32, flip=True, residual=x32))
         t_wg = bench(lambda: _kernels.dwconv7_wgrad(dy, x32, n, h, w, c))
         dy4 = dy.view(n, h, w, c).permute(0, 3, 1, 2)
-        t_cb = bench(lambda: torch.ops.aten.convolution_backward(
-            dy4, x4, wb, [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c, [True, True, True]))
+        conv_bwd = torch.ops.aten.convolution_backward
+        t_cdg = bench(lambda: conv_bwd(dy4, x4, wb, [c], [1, 1], [3, 3], [1, 1], False, [0, 0],
+                                       c, [True, False, False]))
+        wflip = wb.flip(2, 3)
+        t_flip = bench(lambda: F.conv2d(dy4, wflip, None, padding=3, groups=c))
+        t_cwg = bench(lambda: conv_bwd(dy4, x4, wb, [c], [1, 1], [3, 3], [1, 1], False, [0, 0],
+                                       c, [False, True, False]))
         mean = torch.randn(p, device="cuda")
         rstd = torch.rand(p, device="cuda") + 0.5
         t_ln = bench(lambda: _kernels.ln_bwd(xb, dy, mean, rstd, lnw, lnb, dt))
         t_cp = bench(lambda: x32.clone())
-        print(f"{str((n, c, h, w)):>22} {t_fwd:10.3f} {t_cf:9.3f} {t_dg:9.3f} {t_wg:9.3f} "
-              f"{t_cb:9.3f} {t_ln:7.3f} {2 * x32.numel() * 4 / 1e6 / t_cp:10.0f}")
+        print(f"{str((n, c, h, w)):>22} {t_fwd:10.3f} {t_cf:9.3f} {t_dg:9.3f} {t_cdg:11.3f} "
+              f"{t_flip:8.3f} {t_wg:9.3f} {t_cwg:11.3f} {t_ln:7.3f} "
+              f"{2 * x32.numel() * 4 / 1e6 / t_cp:10.0f}")
 
 
 if __name__ == "__main__":

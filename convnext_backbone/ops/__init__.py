@@ -15,6 +15,8 @@ Switches (for benchmarks and debugging):
   - environment variable ``CONVNEXT_FAST_PATH=0`` turns the fast path off (read at import
     and by `refresh_from_env()`);
   - ``with convnext_backbone.ops.fast_path(False): ...`` turns it off (or on) in a block;
+  - ``CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS`` (default 16384): training blocks with fewer
+    pixels (batch x height x width) take the reference path (`MIN_TRAIN_PIXELS`);
   - ``CONVNEXT_DWCONV=cudnn|triton`` picks the depthwise-conv kernels (default cudnn).
     Under torch.compile the setting in force when the graph is traced is baked into it.
 
@@ -49,6 +51,10 @@ _ENABLED = _env_enabled()
 # uses the custom ops for every supported block under compile.
 _UNDER_COMPILE = os.environ.get("CONVNEXT_FAST_PATH_COMPILE", "0").strip().lower() in ("1", "true", "on", "yes")
 _TRITON_OK: Optional[bool] = None
+# Training blocks with fewer pixels (N*H*W) than this take the reference path: their GPU
+# work is small and the fused backward's extra kernel launches (Python-issued) cost more
+# CPU time than they save on the GPU (small-batch detection steps are CPU-bound).
+MIN_TRAIN_PIXELS = int(os.environ.get("CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS", "16384"))
 # Triton's interpreter runs the kernels on CPU tensors: lets CPU-only CI check the kernels'
 # arithmetic (slowly, on tiny shapes). Read once at import, like Triton itself does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -161,6 +167,8 @@ def _tensor_may_take_fast_path(x: torch.Tensor) -> bool:
 def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
     """The dispatch decision of `ConvNextBlock.forward`."""
     if not (_tensor_may_take_fast_path(x) and block_supported(block)):
+        return False
+    if x.shape[0] * x.shape[2] * x.shape[3] < MIN_TRAIN_PIXELS and needs_backward(block, x):
         return False
     if torch.compiler.is_compiling() and not _UNDER_COMPILE:
         from ._kernels import ln_mlp_supported

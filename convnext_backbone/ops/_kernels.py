@@ -11,11 +11,16 @@ Accumulation is fp32 whatever the storage dtype.
   (kernel row, chunk of image rows, channel block), partial sums reduced by torch.
 - `ln_bwd`: LayerNorm backward from the saved pre-norm activation and per-pixel
   mean / rstd; also rebuilds the LayerNorm output (needed by pwconv1's weight gradient)
-  so that it never has to be kept from the forward pass.
-- `ln_fwd`: LayerNorm over C of (P, C) rows, many rows a program (aten's kernel gives
+  so that it never has to be kept from the forward pass, and can sum its input gradient
+  over pixels (the conv bias gradient).
+- `cast_colsum`: the block's output gradient cast to the compute dtype and summed over
+  pixels (pwconv2's bias and layer scale gradients) in one pass.
+- `ln_fwd`: LayerNorm over C of (P, C) rows (optionally plus the conv bias), many rows a program (aten's kernel gives
   each row of only 96..768 channels its own thread block and runs far below bandwidth);
   with `ln_bwd` it is the channels-last LayerNorm of the stem, downsampling layers and
   per-stage output norms.
+- `residual_scale_add`: x + gamma * z (the wide blocks' epilogue), also written in the
+  compute dtype when the next block's conv reads it.
 - `gelu_bwd`: GELU backward that also returns GELU(h) (for pwconv2's weight gradient)
   and the column sums of its result (pwconv1's bias gradient): one pass over the 4C-wide
   tensors instead of three.
@@ -32,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "ln_mlp_residual", "ln_mlp_supported",
-           "gelu_bwd", "ln_fwd"]
+__all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
+           "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add"]
 
 
 def _pow2(n: int) -> int:
@@ -153,8 +158,8 @@ def _dwconv7_wgrad_kernel(dy_ptr, x_ptr, part_ptr, NH, H, W, C, rows_per_prog,
 @triton.jit
 def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr,
                    xn_ptr, part_ptr, P, C, tiles_per_prog,
-                   HAS_YB: tl.constexpr, STORE_XN: tl.constexpr, BLOCK_P: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
+                   HAS_YB: tl.constexpr, STORE_XN: tl.constexpr, SUM_DY: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -164,6 +169,7 @@ def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr,
         yb = tl.load(yb_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    dy_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for t in range(0, tiles_per_prog):
         p = (pid * tiles_per_prog + t) * BLOCK_P + tl.arange(0, BLOCK_P)
         pm = p < P
@@ -186,8 +192,12 @@ def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr,
             tl.store(xn_ptr + ptrs, xn.to(xn_ptr.dtype.element_ty), mask=m)
         dw_acc += g * xhat
         db_acc += g
-    tl.store(part_ptr + (pid * 2) * C + offs_c, tl.sum(dw_acc, axis=0), mask=cmask)
-    tl.store(part_ptr + (pid * 2 + 1) * C + offs_c, tl.sum(db_acc, axis=0), mask=cmask)
+        if SUM_DY:  # the conv bias gradient, instead of another pass over dy
+            dy_acc += tl.where(m, dy, 0.0)
+    tl.store(part_ptr + (pid * 3) * C + offs_c, tl.sum(dw_acc, axis=0), mask=cmask)
+    tl.store(part_ptr + (pid * 3 + 1) * C + offs_c, tl.sum(db_acc, axis=0), mask=cmask)
+    if SUM_DY:
+        tl.store(part_ptr + (pid * 3 + 2) * C + offs_c, tl.sum(dy_acc, axis=0), mask=cmask)
 
 
 def _row_tile(P: int, C: int) -> Tuple[int, int, int]:
@@ -276,10 +286,14 @@ def dwconv7_wgrad(dy: torch.Tensor, x: torch.Tensor, N: int, H: int, W: int,
 
 def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
            lnw: torch.Tensor, lnb: torch.Tensor, dy_dtype: torch.dtype,
-           y_bias: Optional[torch.Tensor] = None, rebuild_output: bool = True
-           ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """LayerNorm backward over C of (P, C) rows; returns (dy, xn, dweight, dbias), xn (the
-    LayerNorm's output, rebuilt) only with `rebuild_output`, else None.
+           y_bias: Optional[torch.Tensor] = None, rebuild_output: bool = True,
+           sum_dy: bool = False
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor,
+                      Optional[torch.Tensor]]:
+    """LayerNorm backward over C of (P, C) rows; returns (dy, xn, dweight, dbias, dy_sum):
+    xn (the LayerNorm's output, rebuilt) only with `rebuild_output`, dy_sum (dy summed over
+    rows, fp32: the gradient of a bias added before the LayerNorm) only with `sum_dy`,
+    else None.
 
     Args:
         y: (P, C) the LayerNorm's input (plus `y_bias` (C,) when given: the conv bias that
@@ -295,14 +309,51 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     progs = triton.cdiv(tiles, tiles_per_prog)
     dy = torch.empty((P, C), device=y.device, dtype=dy_dtype)
     xn = torch.empty((P, C), device=y.device, dtype=y.dtype) if rebuild_output else dy
-    part = torch.empty((progs, 2, C), device=y.device, dtype=torch.float32)
+    part = torch.empty((progs, 3, C), device=y.device, dtype=torch.float32)
     _ln_bwd_kernel[(progs,)](y, y_bias if y_bias is not None else lnw, dxn, mean, rstd, lnw,
                              lnb, dy, xn, part, P, C, tiles_per_prog,
                              HAS_YB=y_bias is not None, STORE_XN=rebuild_output,
-                             BLOCK_P=block_p, BLOCK_C=block_c,
+                             SUM_DY=sum_dy, BLOCK_P=block_p, BLOCK_C=block_c,
                              num_warps=num_warps)
     s = part.sum(0)
-    return dy, xn if rebuild_output else None, s[0].clone(), s[1].clone()  # no aliasing outputs
+    # clones: a custom op's outputs may not alias each other
+    return (dy, xn if rebuild_output else None, s[0].clone(), s[1].clone(),
+            s[2].clone() if sum_dy else None)
+
+
+@triton.jit
+def _cast_colsum_kernel(src_ptr, dst_ptr, part_ptr, P, C, tiles_per_prog,
+                        STORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for t in range(0, tiles_per_prog):
+        p = (pid * tiles_per_prog + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        m = (p < P)[:, None] & cmask[None, :]
+        ptrs = p[:, None] * C + offs_c[None, :]
+        v = tl.load(src_ptr + ptrs, mask=m, other=0.0)
+        if STORE:
+            tl.store(dst_ptr + ptrs, v.to(dst_ptr.dtype.element_ty), mask=m)
+        acc += v.to(tl.float32)
+    tl.store(part_ptr + pid * C + offs_c, tl.sum(acc, axis=0), mask=cmask)
+
+
+def cast_colsum(x: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x in `dtype`, x summed over rows in fp32) of (P, C) contiguous rows, in one pass
+    (x itself is returned when it already has that dtype)."""
+    P, C = x.shape
+    block_p, block_c, num_warps = _row_tile(P, C)
+    tiles = triton.cdiv(P, block_p)
+    progs = min(tiles, 4 * _num_sms(x.device))
+    tiles_per_prog = triton.cdiv(tiles, progs)
+    progs = triton.cdiv(tiles, tiles_per_prog)
+    store = x.dtype != dtype
+    out = torch.empty((P, C), device=x.device, dtype=dtype) if store else x
+    part = torch.empty((progs, C), device=x.device, dtype=torch.float32)
+    _cast_colsum_kernel[(progs,)](x, out, part, P, C, tiles_per_prog, STORE=store,
+                                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    return out, part.sum(0)
 
 
 @triton.jit
@@ -319,9 +370,10 @@ def _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, ck, C: tl.constexpr):
 
 @triton.jit
 def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                   gam_ptr, out_ptr, h_ptr, mean_ptr, rstd_ptr, P, eps,
+                   gam_ptr, out_ptr, out_lp_ptr, h_ptr, mean_ptr, rstd_ptr, P, eps,
                    C: tl.constexpr, KC: tl.constexpr, OUT_W: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_H: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_H: tl.constexpr,
+                   STORE_LP: tl.constexpr):
     # Program (pixel tile, output-channel group): one group unless C is wide, and then
     # each group recomputes pwconv1 for its tile so the hidden activation stays on chip.
     # pwconv1's K loop runs over C in KC-wide chunks, re-reading the tile's y chunks (L1
@@ -382,7 +434,10 @@ def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_pt
     m2 = rmask[:, None] & omask[None, :]
     optrs = rows[:, None] * C + offs_o[None, :]
     xr = tl.load(x_ptr + optrs, mask=m2, other=0.0).to(tl.float32)
-    tl.store(out_ptr + optrs, (xr + gam[None, :] * z).to(out_ptr.dtype.element_ty), mask=m2)
+    o = (xr + gam[None, :] * z).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + optrs, o, mask=m2)
+    if STORE_LP:  # the next block's conv input, saving it a cast pass
+        tl.store(out_lp_ptr + optrs, o.to(out_lp_ptr.dtype.element_ty), mask=m2)
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -415,7 +470,8 @@ def _ln_mlp_config(C: int) -> Tuple[int, int, int, int, int]:
 def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
                     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                    gamma: torch.Tensor, out: torch.Tensor, *, store_h: bool, config=None):
+                    gamma: torch.Tensor, out: torch.Tensor, *, store_h: bool,
+                    out_lp: Optional[torch.Tensor] = None, config=None):
     """out = x + gamma * (gelu(LayerNorm(y + y_bias) @ w1^T + b1) @ w2^T + b2), rows of (P, C).
 
     Args:
@@ -426,6 +482,7 @@ def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
         ln_weight, ln_bias, b1, b2, gamma: vectors, any float dtype (read as fp32).
         w1: (4C, C), w2: (C, 4C) contiguous, any float dtype (cast on load).
         out: (P, C) contiguous, written.
+        out_lp: (P, C) contiguous, written with `out` rounded to its dtype, when given.
         store_h: also return pwconv1's output (P, 4C) and the LayerNorm's mean, rstd (P,).
     Returns:
         (h, mean, rstd) when store_h, else None.
@@ -442,11 +499,39 @@ def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
     else:
         h = mean = rstd = y
     grid = (triton.cdiv(P, block_m), triton.cdiv(C, out_w))
-    _ln_mlp_kernel[grid](y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out, h,
-                         mean, rstd, P, eps, C=C, KC=kc, OUT_W=out_w, BLOCK_M=block_m,
-                         BLOCK_H=block_h, STORE_H=store_h, num_warps=num_warps,
+    _ln_mlp_kernel[grid](y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out,
+                         out_lp if out_lp is not None else out, h, mean, rstd, P, eps, C=C,
+                         KC=kc, OUT_W=out_w, BLOCK_M=block_m, BLOCK_H=block_h,
+                         STORE_H=store_h, STORE_LP=out_lp is not None, num_warps=num_warps,
                          num_stages=num_stages)
     return (h, mean, rstd) if store_h else None
+
+
+@triton.jit
+def _residual_kernel(x_ptr, z_ptr, gam_ptr, out_ptr, out_lp_ptr, P, C,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    m = (rows < P)[:, None] & cmask[None, :]
+    ptrs = rows[:, None] * C + offs_c[None, :]
+    x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+    gam = tl.load(gam_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    o = (x + gam[None, :] * z).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + ptrs, o, mask=m)
+    tl.store(out_lp_ptr + ptrs, o.to(out_lp_ptr.dtype.element_ty), mask=m)
+
+
+def residual_scale_add(x: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor,
+                       out: torch.Tensor, out_lp: torch.Tensor) -> None:
+    """out = x + gamma * z over (P, C) contiguous rows, also written rounded to out_lp's
+    dtype (the next block's conv input)."""
+    P, C = x.shape
+    block_p, block_c, num_warps = _row_tile(P, C)
+    _residual_kernel[(triton.cdiv(P, block_p),)](x, z, gamma, out, out_lp, P, C,
+                                                 BLOCK_P=block_p, BLOCK_C=block_c,
+                                                 num_warps=num_warps)
 
 
 @triton.jit
@@ -492,8 +577,9 @@ def gelu_bwd(dg: torch.Tensor, h: torch.Tensor
 
 
 @triton.jit
-def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, C, eps,
-                   STORE_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ln_fwd_kernel(x_ptr, xb_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, C, eps,
+                   HAS_X_BIAS: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
@@ -501,6 +587,9 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, C, eps,
     m = rmask[:, None] & cmask[None, :]
     ptrs = rows[:, None] * C + offs_c[None, :]
     x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:  # the conv bias, added on the fly (rows outside the mask stay zero)
+        x = tl.where(m, x + tl.load(xb_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :],
+                     0.0)
     mean = tl.sum(x, axis=1) / C
     d = tl.where(m, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
@@ -514,9 +603,10 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, C, eps,
 
 
 def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-           out_dtype: torch.dtype, *, store_stats: bool):
-    """LayerNorm over C of (P, C) contiguous rows, statistics in fp32; returns
-    (out, mean, rstd), the statistics None unless `store_stats`."""
+           out_dtype: torch.dtype, *, store_stats: bool, x_bias: Optional[torch.Tensor] = None):
+    """LayerNorm over C of (P, C) contiguous rows (plus `x_bias` (C,), when given, before
+    normalising), statistics in fp32; returns (out, mean, rstd), the statistics None
+    unless `store_stats`."""
     P, C = x.shape
     block_p, block_c, num_warps = _row_tile(P, C)
     out = torch.empty((P, C), device=x.device, dtype=out_dtype)
@@ -525,7 +615,9 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
         rstd = torch.empty((P,), device=x.device, dtype=torch.float32)
     else:
         mean = rstd = out
-    _ln_fwd_kernel[(triton.cdiv(P, block_p),)](x, weight, bias, out, mean, rstd, P, C, eps,
+    _ln_fwd_kernel[(triton.cdiv(P, block_p),)](x, x_bias if x_bias is not None else weight,
+                                               weight, bias, out, mean, rstd, P, C, eps,
+                                               HAS_X_BIAS=x_bias is not None,
                                                STORE_STATS=store_stats, BLOCK_P=block_p,
                                                BLOCK_C=block_c,
                                                num_warps=num_warps)

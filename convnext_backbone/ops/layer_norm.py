@@ -42,7 +42,7 @@ class _LayerNorm2dFunction(torch.autograd.Function):
         do = _rows(dout)
         if not do.is_contiguous():
             do = do.contiguous()
-        dx, _, dw, db = _kernels.ln_bwd(_rows(x), do, mean, rstd, weight, bias, x.dtype,
+        dx, _, dw, db, _ = _kernels.ln_bwd(_rows(x), do, mean, rstd, weight, bias, x.dtype,
                                         rebuild_output=False)
         return (dx.view(n, h, w, c).permute(0, 3, 1, 2), dw.to(weight.dtype),
                 db.to(bias.dtype), None, None, None)
