@@ -211,6 +211,52 @@ def test_cpu_path_only_for_inference(onednn_calls):
     assert ops.use_cpu_path(block, x.detach())  # frozen model: no grad needed
 
 
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no usable oneDNN fused linear")
+def test_cpu_path_leaves_hooked_quantized_and_forward_ad_blocks_to_reference(onednn_calls):
+    """Layers the CPU path computes itself must be plain and unhooked (observers, FLOP
+    counters, quantized or wrapped Linears would silently not run); forward-mode AD and
+    functorch transforms need the reference path's rules."""
+    torch.manual_seed(0)
+    block = ConvNextBlock(16, layer_scale_init_value=0.5).eval().requires_grad_(False)
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad(), ops.fast_path(False):
+        ref = block(x)
+    seen = []
+    handle = block.pwconv1.register_forward_hook(lambda *a: seen.append(1))
+    assert not ops.use_cpu_path(block, x)
+    block(x)
+    assert seen and not onednn_calls
+    handle.remove()
+    quantized = torch.ao.quantization.quantize_dynamic(block, {torch.nn.Linear})
+    assert not ops.use_cpu_path(quantized, x)
+    assert _rel(quantized(x), ref) < 0.05 and not onednn_calls  # runs (int8), reference path
+    tangent = torch.randn_like(x)
+    with ops.fast_path(False):
+        _, ref_jvp = torch.func.jvp(block, (x,), (tangent,))
+    out, jvp = torch.func.jvp(block, (x,), (tangent,))
+    assert _rel(out, ref) < 1e-6 and _rel(jvp, ref_jvp) < 1e-6 and not onednn_calls
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual_out = block(fwAD.make_dual(x, tangent))
+        assert _rel(fwAD.unpack_dual(dual_out).tangent, ref_jvp) < 1e-6
+    assert not onednn_calls
+    assert ops.use_cpu_path(block, x)  # and plain again
+
+
+def test_gpu_gate_requires_plain_unhooked_layers(monkeypatch):
+    monkeypatch.setattr(ops, "fast_path_available", lambda x: True)  # as on a GPU
+    block = ConvNextBlock(8)
+    x = torch.randn(2, 8, 16, 16)
+    assert ops.use_fast_path(block, x)
+    handle = block.norm.register_forward_pre_hook(lambda *a: None)
+    assert not ops.use_fast_path(block, x)
+    handle.remove()
+    torch.nn.utils.parametrize.register_parametrization(block.pwconv2, "weight",
+                                                        torch.nn.Identity())
+    assert not ops.use_fast_path(block, x)  # parametrized Linear: its own class
+
+
 def test_cpu_path_probe_failure_falls_back(monkeypatch):
     """A build whose oneDNN op fails or disagrees is not used: the reference path runs."""
     monkeypatch.setattr(ops_cpu, "_PROBED", {})
@@ -281,34 +327,31 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
         assert max(worst, worst_i, worst_g, worst_x) < tol, (worst, worst_i, worst_g, worst_x)
         if amp:  # the compute-dtype copy handed to the next block (fused and wide blocks)
             from convnext_backbone.ops import block as fb
+            attr = fb._LOW_PRECISION_ATTR
             for stage in (m.stages[1], m.stages[3]):
                 c = stage[0].dwconv.in_channels
-                for ctx in (torch.no_grad, torch.inference_mode):
-                    with ctx(), torch.autocast("cpu", torch.float16):
-                        t = torch.randn(2, c, 5, 9).contiguous(memory_format=torch.channels_last)
-                        mid = stage[0](t)
-                        if os.environ["CONVNEXT_DWCONV"] == "triton":  # reads x directly
-                            assert not hasattr(mid, fb._LOW_PRECISION_ATTR)
-                            continue
-                        copy, _ = getattr(mid, fb._LOW_PRECISION_ATTR)
-                        assert torch.equal(copy, mid.half()) and mid.dtype == torch.float32
-                        assert not hasattr(stage[1](mid), fb._LOW_PRECISION_ATTR)  # last block
-                        assert torch.equal(stage[1](mid), stage[1](mid.clone()))
-                        if ctx is torch.no_grad:  # a changed input is not read from the copy
-                            mid.mul_(2.0)
-                            assert torch.equal(stage[1](mid), stage[1](mid.clone()))
-                # Inference keeps compute-dtype weight copies: a weight changed in place
-                # (load_state_dict, an optimizer step) must be seen by the next call.
-                blk = stage[1]
+                t = torch.randn(2, c, 5, 9).contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), torch.autocast("cpu", torch.float16):
+                    assert attr not in stage[0](t).__dict__  # no version counter: no copy
                 with torch.no_grad(), torch.autocast("cpu", torch.float16):
-                    before = blk(t)
-                    for w in (blk.pwconv1.weight, blk.pwconv2.bias, blk.dwconv.weight):
-                        w.mul_(1.5)
-                        after = blk(t)
-                        with ops.fast_path(False):
-                            ref = blk(t)
-                        assert not torch.equal(after, before) and rel(after, ref) < 1e-2
-                        before = after
+                    mid = stage[0](t)
+                    if os.environ["CONVNEXT_DWCONV"] == "triton":  # reads x directly
+                        assert attr not in mid.__dict__
+                        continue
+                    copy, _ = mid.__dict__[attr]
+                    assert torch.equal(copy, mid.half()) and mid.dtype == torch.float32
+                    ref = stage[1](mid.clone())
+                    out = stage[1](mid)
+                    assert attr not in mid.__dict__  # taken by the next block
+                    assert attr not in out.__dict__  # the stage's last block writes none
+                    assert torch.equal(out, ref)
+                    # The next block really convolves the copy: a wrong one shows.
+                    mid.__dict__[attr] = (copy * 2, mid._version)
+                    assert not torch.equal(stage[1](mid), ref)
+                    # ... unless the tensor changed since: then it is cast afresh.
+                    mid.__dict__[attr] = (copy * 2, mid._version)
+                    mid.mul_(1.0)
+                    assert torch.equal(stage[1](mid), ref)
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, CONVNEXT_DWCONV=conv_impl,
                CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS="0",

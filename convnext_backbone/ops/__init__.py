@@ -120,6 +120,41 @@ def fast_path_available(x: torch.Tensor) -> bool:
             and x.numel() < 2**31 and _triton_ok())
 
 
+# Submodules a fast path computes itself instead of calling: they must be the plain torch
+# layers (not quantized, QAT-wrapped or LoRA-wrapped replacements) and carry no hooks
+# (observers, FLOP counters), which would otherwise silently not run.
+_PLAIN_LAYER_TYPES = {"dwconv": nn.Conv2d, "norm": nn.LayerNorm, "pwconv1": nn.Linear,
+                      "pwconv2": nn.Linear}
+
+
+def submodules_plain(block: nn.Module, names) -> bool:
+    """Whether `block`'s submodules `names` are plain layers without hooks (and no global
+    module hooks are registered)."""
+    from torch.nn.modules import module as _module
+
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+        return False
+    for name in names:
+        sub = getattr(block, name, None)
+        if sub is None:
+            continue
+        if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
+                or sub._backward_pre_hooks):
+            return False
+        expected = _PLAIN_LAYER_TYPES.get(name)
+        if expected is not None and type(sub) is not expected:
+            return False
+    return True
+
+
+def _plain_autograd(x: torch.Tensor) -> bool:
+    """Not under forward-mode AD or a functorch transform (jvp, vmap, grad): the fused ops
+    have no rules for those, the reference path does."""
+    return (torch.autograd.forward_ad._current_level < 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def block_supported(block: nn.Module) -> bool:
     """Whether a `ConvNextBlock`'s options are covered by the fused kernels."""
     act = getattr(block, "act", None)
@@ -131,7 +166,8 @@ def block_supported(block: nn.Module) -> bool:
             and isinstance(dw, nn.Conv2d) and tuple(dw.kernel_size) == (7, 7)
             and tuple(dw.padding) == (3, 3) and tuple(dw.stride) == (1, 1)
             and tuple(dw.dilation) == (1, 1) and dw.groups == dw.in_channels == dw.out_channels
-            and dw.bias is not None and not drop_active)
+            and dw.bias is not None and not drop_active
+            and submodules_plain(block, ("dwconv", "norm", "pwconv1", "act", "pwconv2")))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -170,11 +206,13 @@ def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
         return False
     if x.shape[0] * x.shape[2] * x.shape[3] < MIN_TRAIN_PIXELS and needs_backward(block, x):
         return False
-    if torch.compiler.is_compiling() and not _UNDER_COMPILE:
+    if torch.compiler.is_compiling():
+        if _UNDER_COMPILE:
+            return True
         from ._kernels import ln_mlp_supported
 
         return not needs_backward(block, x) and ln_mlp_supported(x.shape[1], compute_dtype(x))
-    return True
+    return _plain_autograd(x)
 
 
 def use_cpu_path(block: nn.Module, x: torch.Tensor) -> bool:
@@ -182,7 +220,7 @@ def use_cpu_path(block: nn.Module, x: torch.Tensor) -> bool:
     if (not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy)
             or x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling()
             or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or needs_backward(block, x)):
+            or needs_backward(block, x) or not _plain_autograd(x)):
         return False
     # FLOP counters and other dispatch modes (torch.utils.flop_counter) know aten's ops,
     # not oneDNN's; fvcore/mmengine's counters trace (caught above).
@@ -206,7 +244,7 @@ def use_fast_layer_norm(norm: nn.Module, x: torch.Tensor) -> bool:
     """The dispatch decision of `LayerNorm2d.forward` (eager mode, channels_last input)."""
     if torch.compiler.is_compiling() or not _tensor_may_take_fast_path(x):
         return False
-    return (norm.weight is not None and norm.bias is not None
+    return (_plain_autograd(x) and norm.weight is not None and norm.bias is not None
             and x.is_contiguous(memory_format=torch.channels_last)
             and len(norm.normalized_shape) == 1 and x.shape[1] == norm.normalized_shape[0]
             and x.shape[1] <= 4096)

@@ -207,6 +207,15 @@ def _row_tile(P: int, C: int) -> Tuple[int, int, int]:
     return block_p, block_c, 8 if block_p * block_c >= 4096 else 4
 
 
+def _row_programs(P: int, block_p: int, max_progs: int) -> Tuple[int, int]:
+    """(programs, row tiles per program) for a persistent kernel over P rows in tiles of
+    block_p, at most max_progs programs (at least one), every program with work."""
+    tiles = triton.cdiv(P, block_p)
+    progs = max(1, min(tiles, max_progs))
+    tiles_per_prog = max(1, triton.cdiv(tiles, progs))  # P == 0: one program, no rows
+    return max(1, triton.cdiv(tiles, tiles_per_prog)), tiles_per_prog
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -303,10 +312,7 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     """
     P, C = y.shape
     block_p, block_c, num_warps = _row_tile(P, C)
-    tiles = triton.cdiv(P, block_p)
-    progs = min(tiles, 4 * _num_sms(y.device))
-    tiles_per_prog = triton.cdiv(tiles, progs)
-    progs = triton.cdiv(tiles, tiles_per_prog)
+    progs, tiles_per_prog = _row_programs(P, block_p, 4 * _num_sms(y.device))
     dy = torch.empty((P, C), device=y.device, dtype=dy_dtype)
     xn = torch.empty((P, C), device=y.device, dtype=y.dtype) if rebuild_output else dy
     part = torch.empty((progs, 3, C), device=y.device, dtype=torch.float32)
@@ -344,10 +350,7 @@ def cast_colsum(x: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torc
     (x itself is returned when it already has that dtype)."""
     P, C = x.shape
     block_p, block_c, num_warps = _row_tile(P, C)
-    tiles = triton.cdiv(P, block_p)
-    progs = min(tiles, 4 * _num_sms(x.device))
-    tiles_per_prog = triton.cdiv(tiles, progs)
-    progs = triton.cdiv(tiles, tiles_per_prog)
+    progs, tiles_per_prog = _row_programs(P, block_p, 4 * _num_sms(x.device))
     store = x.dtype != dtype
     out = torch.empty((P, C), device=x.device, dtype=dtype) if store else x
     part = torch.empty((progs, C), device=x.device, dtype=torch.float32)
@@ -563,11 +566,8 @@ def gelu_bwd(dg: torch.Tensor, h: torch.Tensor
     P, hid = h.shape
     block_h = min(128, _pow2(hid))
     block_p = max(1, 4096 // block_h)
-    tiles = triton.cdiv(P, block_p)
     hblocks = triton.cdiv(hid, block_h)
-    progs = max(1, min(tiles, (8 * _num_sms(h.device)) // hblocks))
-    tiles_per_prog = triton.cdiv(tiles, progs)
-    progs = triton.cdiv(tiles, tiles_per_prog)
+    progs, tiles_per_prog = _row_programs(P, block_p, (8 * _num_sms(h.device)) // hblocks)
     dh = torch.empty_like(h)
     g = torch.empty_like(h)
     part = torch.empty((progs, hid), device=h.device, dtype=torch.float32)

@@ -316,26 +316,22 @@ class _BlockFunction(torch.autograd.Function):
 
 # Eager mode: a block whose output feeds the next block's depthwise conv also writes that
 # output in the compute dtype (a bf16 copy of the fp32 residual stream under autocast),
-# attached to the output tensor; the next block convolves it instead of casting its input
-# again (one pass over memory less per block). The copy is used only while the tensor is
-# unchanged (its version counter; hooks that could change it switch this off).
+# attached to the output tensor; the next block takes it (removing it, so that checkpointing
+# or a caller holding the tensor keeps no extra memory) and convolves it instead of casting
+# its input again: one pass over memory less per block. The copy is used only while the
+# tensor is unchanged (its version counter); hooks that could change the tensor, and
+# inference-mode tensors (which have no version counter), switch this off.
 _LOW_PRECISION_ATTR = "_convnext_low_precision_copy"
 
 
-def _low_precision_copy(x: Tensor, cdt: torch.dtype) -> Optional[Tensor]:
-    entry = getattr(x, _LOW_PRECISION_ATTR, None)
+def _take_low_precision_copy(x: Tensor, cdt: torch.dtype) -> Optional[Tensor]:
+    entry = x.__dict__.pop(_LOW_PRECISION_ATTR, None)
     if entry is None:
         return None
     copy, version = entry
-    if copy.dtype != cdt or copy.shape != x.shape or version != _version(x):
+    if copy.dtype != cdt or copy.shape != x.shape or version != x._version:
         return None
     return copy
-
-
-def _version(x: Tensor) -> int:
-    # Inference tensors track no version (they cannot be changed outside inference mode);
-    # between two blocks of a stage only hooks could change them, and hooks switch the copy off.
-    return -1 if x.is_inference() else x._version
 
 
 def _hooks_may_change_output(block: torch.nn.Module) -> bool:
@@ -343,35 +339,6 @@ def _hooks_may_change_output(block: torch.nn.Module) -> bool:
 
     return bool(block._forward_hooks or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks)
-
-
-_CAST_CACHE_ATTR = "_convnext_inference_params"
-
-
-def _inference_params(block: torch.nn.Module, cdt: torch.dtype) -> Tuple[Tensor, ...]:
-    """`block_params(block)` with the matrix operands (conv taps, pwconv weights and biases)
-    already in the compute dtype, for inference: the cast copies are kept on the block and
-    reused while every parameter is unchanged (same storage and version counter). That
-    saves five cast kernels and their launches per block per step; the eager inference
-    step is bound by the CPU issuing kernels. Vectors read in fp32 (norms, conv bias,
-    layer scale) stay as they are, so results are identical to casting afresh."""
-    params = block_params(block)
-    dw_w, dw_b, ln_w, ln_b, w1, b1, w2, b2, gamma = params
-    # Parameters created under inference_mode track no version: never cached.
-    cacheable = not any(p.is_inference() for p in params)
-    if cacheable:
-        key = (cdt, tuple((p.data_ptr(), p._version) for p in params))
-        cached = getattr(block, _CAST_CACHE_ATTR, None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-    with torch.no_grad():
-        cast = (dw_w.to(cdt), dw_b, ln_w, ln_b, w1.to(cdt), b1.to(cdt), w2.to(cdt), b2.to(cdt),
-                gamma)
-    if cacheable:
-        # A plain attribute, not a buffer: never in state_dict. Holds half the block's
-        # weight bytes (bf16 copies of fp32 weights).
-        object.__setattr__(block, _CAST_CACHE_ATTR, (key, cast))
-    return cast
 
 
 def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
@@ -389,12 +356,13 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
         args = (x, None, *block_params(block), float(block.norm.eps), cdt, impl, keep, False)
         return torch.ops.convnext_backbone.block_fwd(*args)[0]
     x_lp, emit = None, False
-    if impl == CONV_CUDNN and x.dtype != cdt:
-        x_lp = None if block._forward_pre_hooks else _low_precision_copy(x, cdt)
+    if impl == CONV_CUDNN and x.dtype != cdt and not torch.is_inference_mode_enabled():
+        x_lp = None if block._forward_pre_hooks else _take_low_precision_copy(x, cdt)
         emit = bool(getattr(block, "feeds_block", False)) and not _hooks_may_change_output(block)
-    params = block_params(block) if keep else _inference_params(block, cdt)
-    args = (x, x_lp, *params, float(block.norm.eps), cdt, impl, keep, emit)
+    # x_lp only here: the custom op (compile path) gets None, so none of its outputs (xs may
+    # be x_lp) aliases an input.
+    args = (x, x_lp, *block_params(block), float(block.norm.eps), cdt, impl, keep, emit)
     out, out_lp = _BlockFunction.apply(*args)
     if emit:
-        setattr(out, _LOW_PRECISION_ATTR, (out_lp, _version(out)))
+        out.__dict__[_LOW_PRECISION_ATTR] = (out_lp, out._version)
     return out

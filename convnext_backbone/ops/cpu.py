@@ -9,8 +9,10 @@ b) = (gamma W) h + gamma b). Same parameters, fp32 results within rounding of th
 reference (relative error ~1e-6).
 
 Taken for inference only (no autograd recorded: the oneDNN ops have no derivative), fp32
-CPU tensors, in eager mode; torch.compile, fx tracing, TorchScript and ONNX export see the
-reference code. Whether this torch build's oneDNN ops work, and agree with aten, is
+CPU tensors, in eager mode, when pwconv1/pwconv2 are plain `nn.Linear` layers and no hooks
+are attached to the layers it computes; torch.compile, fx and jit tracing, TorchScript,
+ONNX export, forward-mode AD, functorch transforms and FLOP counters see the reference
+code. Whether this torch build's oneDNN ops work, and agree with aten, is
 probed once on small tensors; if not, the reference path runs. This module imports only
 torch.
 """
@@ -87,6 +89,10 @@ def block_supported(block: nn.Module, x: Tensor) -> bool:
     if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
     if not torch.backends.mkldnn.enabled:  # the user switched oneDNN off
+        return False
+    from . import submodules_plain  # the layers computed here, not called: plain, no hooks
+
+    if not submodules_plain(block, ("pwconv1", "act", "pwconv2")):
         return False
     params = (block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias)
     if any(p is None or p.dtype != torch.float32 for p in params):
