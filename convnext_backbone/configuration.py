@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .stage_selection import resolve_out_features_out_indices
 
-__all__ = ["ConvNextConfig", "VARIANTS", "SUPPORTED_ACTIVATIONS"]
+__all__ = ["ConvNextConfig", "VARIANTS", "SUPPORTED_ACTIVATIONS", "variant_key"]
 
 SUPPORTED_ACTIVATIONS = ("gelu", "relu", "selu", "gelu_new")
 
@@ -52,6 +52,23 @@ def _as_int_list(name: str, value: Any, length: int) -> List[int]:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"`{name}` entries must be positive ints, got {values}")
     return values
+
+
+def variant_key(name: str) -> str:
+    """The `VARIANTS` key a variant name means, in any of the spellings the peers use
+    ("tiny", "convnext_tiny", "ConvNeXt-V2-Base", "v2_base", "v2base"); mmpretrain's
+    V2-only sizes ("atto", "femto", "pico", "nano", "huge") mean their V2 variant. Raises
+    ValueError naming the valid variants."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key.startswith("convnext-"):
+        key = key[len("convnext-"):]
+    if key.startswith("v2") and not key.startswith("v2-"):
+        key = "v2-" + key[2:]
+    if key not in VARIANTS and f"v2-{key}" in VARIANTS:
+        key = f"v2-{key}"
+    if key not in VARIANTS:
+        raise ValueError(f"Unknown ConvNeXt variant {name!r}; valid: {list(VARIANTS)}")
+    return key
 
 
 class ConvNextConfig:
@@ -193,14 +210,7 @@ class ConvNextConfig:
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> "ConvNextConfig":
         """A named variant ("tiny" ... "xlarge", "v2-atto" ... "v2-huge") with overrides."""
-        key = name.lower().replace("_", "-")
-        if key.startswith("convnext-"):
-            key = key[len("convnext-"):]
-        if key.startswith("v2") and not key.startswith("v2-"):
-            key = "v2-" + key[2:]
-        if key not in VARIANTS:
-            raise ValueError(f"Unknown ConvNeXt variant {name!r}; valid: {list(VARIANTS)}")
-        args = copy.deepcopy(VARIANTS[key])
+        args = copy.deepcopy(VARIANTS[variant_key(name)])
         args.update(overrides)
         return cls(**args)
 

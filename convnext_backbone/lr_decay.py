@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-__all__ = ["get_layer_id", "param_groups_lr_decay", "DECAY_TYPES"]
+__all__ = ["get_layer_id", "param_groups_lr_decay", "param_groups_from_paramwise_cfg", "DECAY_TYPES"]
 
 DECAY_TYPES = ("layer_wise", "stage_wise")
 
@@ -153,6 +153,35 @@ def param_groups_lr_decay(model: nn.Module, base_lr: float, weight_decay: float,
     return list(groups.values())
 
 
+def param_groups_from_paramwise_cfg(module: nn.Module, paramwise_cfg: Dict[str, Any],
+                                    base_lr: float, base_wd: float, *, default_decay_rate: float,
+                                    backbone_prefix: Optional[str] = None,
+                                    constructor: str) -> List[Dict[str, Any]]:
+    """The optimizer param groups an mmengine LR-decay constructor adds, from its
+    `paramwise_cfg` (`decay_rate`, `decay_type`, `num_layers`, and `backbone_prefix` when
+    the constructor takes one), checked, with unknown keys named against the valid ones."""
+    cfg = dict(paramwise_cfg)
+    valid = ["decay_rate", "decay_type", "num_layers"] + (
+        ["backbone_prefix"] if backbone_prefix is not None else [])
+    unknown = set(cfg) - set(valid)
+    if unknown:
+        raise ValueError(f"paramwise_cfg keys {sorted(unknown)} are not supported by {constructor}; "
+                         f"valid: {', '.join(valid)}")
+    if "num_layers" not in cfg:
+        raise ValueError("paramwise_cfg needs num_layers (6 for ConvNeXt-T, 12 for S/B/L/XL)")
+    kwargs = {} if backbone_prefix is None else {
+        "backbone_prefix": cfg.get("backbone_prefix", backbone_prefix)}
+    groups = param_groups_lr_decay(module, base_lr, base_wd,
+                                   decay_rate=cfg.get("decay_rate", default_decay_rate),
+                                   decay_type=cfg.get("decay_type", "layer_wise"),
+                                   num_layers=cfg["num_layers"], **kwargs)
+    # mmengine's optimizers take extra group keys; param names help debugging but would end
+    # up in every optimizer state_dict, so keep only what is needed.
+    for g in groups:
+        g.pop("param_names")
+    return groups
+
+
 def _register_mmengine_constructor() -> None:
     try:
         from mmengine.optim import DefaultOptimWrapperConstructor
@@ -172,24 +201,10 @@ def _register_mmengine_constructor() -> None:
         """
 
         def add_params(self, params: List[Dict[str, Any]], module: nn.Module, **kwargs: Any) -> None:
-            cfg = dict(self.paramwise_cfg)
-            unknown = set(cfg) - {"decay_rate", "decay_type", "num_layers"}
-            if unknown:
-                raise ValueError(f"paramwise_cfg keys {sorted(unknown)} are not supported by "
-                                 f"ConvNextLayerDecayOptimizerConstructor; valid: decay_rate, "
-                                 f"decay_type, num_layers")
-            if "num_layers" not in cfg:
-                raise ValueError("paramwise_cfg needs num_layers (6 for ConvNeXt-T, 12 for S/B/L/XL)")
-            groups = param_groups_lr_decay(
-                module, self.base_lr, self.base_wd or 0.0,
-                decay_rate=cfg.get("decay_rate", 0.9),
-                decay_type=cfg.get("decay_type", "layer_wise"),
-                num_layers=cfg["num_layers"])
-            # mmengine's optimizers take extra group keys; param names help debugging but
-            # would end up in every optimizer state_dict, so keep only what is needed.
-            for g in groups:
-                g.pop("param_names")
-            params.extend(groups)
+            # 0.9: the official segmentation configs' rate
+            params.extend(param_groups_from_paramwise_cfg(
+                module, self.paramwise_cfg, self.base_lr, self.base_wd or 0.0,
+                default_decay_rate=0.9, constructor="ConvNextLayerDecayOptimizerConstructor"))
 
     globals()["ConvNextLayerDecayOptimizerConstructor"] = ConvNextLayerDecayOptimizerConstructor
     __all__.append("ConvNextLayerDecayOptimizerConstructor")

@@ -34,7 +34,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "mmengine: pip install 'convnext-backbone[mmseg]' (mmcv 2.1.0 must be built from source "
         f"on torch >= 2.4, see tools/setup_env.sh). Original error: {err}") from err
 
-from .configuration import VARIANTS, ConvNextConfig
+from .configuration import VARIANTS, ConvNextConfig, variant_key
 from .lr_decay import param_groups_lr_decay  # noqa: F401  (registers the optim constructor)
 from .mmengine_utils import setup_mmengine
 from .modeling import ConvNextBackbone
@@ -50,14 +50,11 @@ _STAGES = ["stage1", "stage2", "stage3", "stage4"]
 def _arch_args(arch: Union[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Depths/widths (and V2 switches) from a variant name or an mmpretrain-style dict."""
     if isinstance(arch, str):
-        key = arch.lower().replace("_", "-")
-        if key.startswith("convnext-"):
-            key = key[len("convnext-"):]
-        if key not in VARIANTS and f"v2-{key}" in VARIANTS:
-            key = f"v2-{key}"  # mmpretrain's V2-only sizes: atto, femto, pico, nano, huge
-        if key not in VARIANTS:
+        try:
+            key = variant_key(arch)
+        except ValueError:
             raise ValueError(f"Unknown ConvNeXt arch {arch!r}; valid names: {list(VARIANTS)}, "
-                             f"or a dict(depths=[...], channels=[...])")
+                             f"or a dict(depths=[...], channels=[...])") from None
         return copy.deepcopy(VARIANTS[key])
     if isinstance(arch, dict):
         depths = arch.get("depths")

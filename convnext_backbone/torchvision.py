@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("convnext_backbone.torchvision needs torchvision: "
                       "pip install 'convnext-backbone[detection]'") from exc
 
-from .configuration import ConvNextConfig
+from .configuration import ConvNextConfig, variant_key
 from .modeling import ConvNextBackbone, ShapeSpec
 
 __all__ = [
@@ -50,11 +50,6 @@ DETECTION_DROP_PATH: Dict[str, float] = {
 MULTISCALE_MIN_SIZES = tuple(range(480, 801, 32))
 
 ArchOrConfig = Union[str, ConvNextConfig, Mapping[str, Any]]
-
-
-def _variant_key(name: str) -> str:
-    key = name.lower().replace("_", "-")
-    return key[len("convnext-"):] if key.startswith("convnext-") else key
 
 
 def _make_config(arch_or_config: ArchOrConfig, returned_stages: Sequence[int],
@@ -189,7 +184,7 @@ def _detector_backbone(arch_or_config: ArchOrConfig, checkpoint, trainable_stage
                        backbone_overrides: Optional[Dict[str, Any]]) -> ConvNextFPNBackbone:
     overrides = dict(backbone_overrides or {})
     if drop_path_rate is None and isinstance(arch_or_config, str):
-        drop_path_rate = DETECTION_DROP_PATH.get(_variant_key(arch_or_config).replace("v2-", ""))
+        drop_path_rate = DETECTION_DROP_PATH.get(variant_key(arch_or_config).replace("v2-", ""))
     if drop_path_rate is not None:
         overrides["drop_path_rate"] = drop_path_rate
     return convnext_fpn_backbone(arch_or_config, checkpoint=checkpoint, trainable_stages=trainable_stages,

@@ -49,6 +49,28 @@ def test_from_variant(name):
     assert cfg.layer_scale_init_value == (0.0 if is_v2 else 1e-6)
 
 
+SPELLINGS = [("tiny", "tiny"), ("convnext_tiny", "tiny"), ("ConvNeXt-Small", "small"),
+             ("convnext-v2-base", "v2-base"), ("v2_base", "v2-base"), ("v2base", "v2-base"),
+             ("atto", "v2-atto"), ("HUGE", "v2-huge")]
+
+
+@pytest.mark.parametrize("name,key", SPELLINGS)
+def test_every_entry_point_reads_variant_names_alike(name, key):
+    """One normalisation serves the config, the mmseg backbone and the torchvision builder."""
+    from convnext_backbone.configuration import VARIANTS, variant_key
+    from convnext_backbone.mmseg import _arch_args
+
+    assert variant_key(name) == key
+    assert ConvNextConfig.from_variant(name).hidden_sizes == VARIANTS[key]["hidden_sizes"]
+    assert _arch_args(name) == VARIANTS[key]
+    if key in ("tiny", "small"):  # the detector builder's drop-path table, small models only
+        from convnext_backbone.torchvision import DETECTION_DROP_PATH, _detector_backbone
+
+        fpn = _detector_backbone(name, None, 3, None, 256, None)
+        assert fpn.body.config.hidden_sizes == VARIANTS[key]["hidden_sizes"]
+        assert fpn.body.config.drop_path_rate == DETECTION_DROP_PATH[key]
+
+
 def test_from_variant_aliases_and_errors():
     assert ConvNextConfig.from_variant("convnext-tiny").depths == [3, 3, 9, 3]
     assert ConvNextConfig.from_variant("v2_atto").hidden_sizes == [40, 80, 160, 320]

@@ -169,3 +169,15 @@ def test_two_process_ddp_gloo_torchrun(tmp_path, small_data):
     ckpt = torch.load(osp.join(work, "iter_4.pth"), map_location="cpu")  # weights_only=True
     assert ckpt["meta"]["iter"] == 4
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    # Distributed evaluation: both ranks evaluate, rank 0 alone reports and writes the JSON.
+    out_json = tmp_path / "ddp_metrics.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={int(port) + 1}", "tools/test.py", DEMO, osp.join(work, "iter_4.pth"),
+         "--launcher", "pytorch", "--work-dir", str(tmp_path / "test_work"), "--out-json",
+         str(out_json), "--cfg-options", *_data_options(small_data)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert log.count("METRICS {") == 1, log[-3000:]
+    assert "mIoU" in json.loads(out_json.read_text())

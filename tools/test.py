@@ -74,8 +74,13 @@ def main(argv=None) -> dict:
 
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     metrics = runner.test()
+    from mmengine.dist import get_rank
+
+    is_main = get_rank() == 0  # read before the process group is gone
     _destroy_process_group()
     metrics = {k: float(v) for k, v in metrics.items()}
+    if not is_main:  # every rank has the same (all-gathered) metrics; one reports them
+        return metrics
     if args.out_json:
         from convnext_backbone.io_utils import atomic_write_text
 

@@ -16,7 +16,7 @@ from mmengine.model import BaseModel
 from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 
-from ..lr_decay import param_groups_lr_decay
+from ..lr_decay import param_groups_from_paramwise_cfg
 
 __all__ = ["TorchvisionDetector", "DetectorLayerDecayOptimizerConstructor", "BUILDERS",
            "TRUNK_PREFIX"]
@@ -95,17 +95,8 @@ class DetectorLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     """
 
     def add_params(self, params: List[Dict[str, Any]], module: nn.Module, **kwargs: Any) -> None:
-        cfg = dict(self.paramwise_cfg)
-        unknown = set(cfg) - {"decay_rate", "decay_type", "num_layers", "backbone_prefix"}
-        if unknown:
-            raise ValueError(f"paramwise_cfg keys {sorted(unknown)} are not supported; valid: "
-                             f"decay_rate, decay_type, num_layers, backbone_prefix")
-        if "num_layers" not in cfg:
-            raise ValueError("paramwise_cfg needs num_layers (6 for ConvNeXt-T, 12 for S/B/L/XL)")
-        groups = param_groups_lr_decay(
-            module, self.base_lr, self.base_wd or 0.0, decay_rate=cfg.get("decay_rate", 0.95),
-            decay_type=cfg.get("decay_type", "layer_wise"), num_layers=cfg["num_layers"],
-            backbone_prefix=cfg.get("backbone_prefix", TRUNK_PREFIX))
-        for g in groups:
-            g.pop("param_names")
-        params.extend(groups)
+        # 0.95: the official detection configs' rate
+        params.extend(param_groups_from_paramwise_cfg(
+            module, self.paramwise_cfg, self.base_lr, self.base_wd or 0.0,
+            default_decay_rate=0.95, backbone_prefix=TRUNK_PREFIX,
+            constructor="DetectorLayerDecayOptimizerConstructor"))
