@@ -22,8 +22,8 @@ from typing import Any, List, Tuple, Union
 
 import torch
 
-__all__ = ["safe_globals", "enable_safe_resume", "enable_atomic_checkpoints", "skip_pretrained_files",
-           "setup_mmengine", "restricted_getattr"]
+__all__ = ["safe_globals", "enable_safe_resume", "enable_atomic_checkpoints",
+           "skip_pretrained_files", "setup_mmengine", "restricted_getattr"]
 
 # (owner, attribute) pairs `restricted_getattr` may resolve: HistoryBuffer's default
 # statistics methods, which its __getstate__ pickles by reference.
@@ -124,7 +124,6 @@ def setup_mmengine() -> None:
     """`enable_safe_resume()` and `enable_atomic_checkpoints()`."""
     enable_safe_resume()
     enable_atomic_checkpoints()
-
 
 
 def skip_pretrained_files(cfg: Any) -> None:

@@ -39,6 +39,7 @@ import sys
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 from torch import nn
@@ -243,7 +244,7 @@ def check_fast_path(variant: str, device: torch.device, amp_dtype: Optional[torc
 
     def run(fast: bool):
         # The check's input is small: let every training block take the fast path, too.
-        with ops.fast_path(fast), _min_train_pixels(ops, 0):
+        with ops.fast_path(fast), mock.patch.object(ops, "MIN_TRAIN_PIXELS", 0):
             xi = x.clone().requires_grad_(backward)
             # Inference workloads are checked the way they are timed (no autograd), so
             # inference-only paths are covered too.
@@ -266,7 +267,10 @@ def check_fast_path(variant: str, device: torch.device, amp_dtype: Optional[torc
     fast_feats, fast_grads = run(True)
     ref_feats, ref_grads = run(False)
     report: Dict[str, Any] = {
-        "fast_path_active": ops.fast_path_available(x),
+        # Triton kernels on GPU; on CPU, inference takes oneDNN's fused linear ops.
+        "fast_path": ("triton" if ops.fast_path_available(x) else
+                      "onednn" if (device.type == "cpu" and not backward
+                                   and ops.cpu.mkldnn_linear_ok()) else "none"),
         "max_rel_err_outputs": max(_rel(a, r) for a, r in zip(fast_feats, ref_feats)),
     }
     if backward:
@@ -279,16 +283,6 @@ def check_fast_path(variant: str, device: torch.device, amp_dtype: Optional[torc
     report["tolerance"] = tol
     report["ok"] = all(v <= tol for k, v in report.items() if k.startswith("max_rel_err"))
     return report
-
-
-@contextlib.contextmanager
-def _min_train_pixels(ops, value: int):
-    saved = ops.MIN_TRAIN_PIXELS
-    ops.MIN_TRAIN_PIXELS = value
-    try:
-        yield
-    finally:
-        ops.MIN_TRAIN_PIXELS = saved
 
 
 # --------------------------------------------------------------------------- driver

@@ -31,10 +31,13 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["fast_path", "fast_path_enabled", "fast_path_available", "use_fast_path",
-           "block_forward", "use_cpu_path", "cpu_block_forward", "block_supported", "refresh_from_env", "compute_dtype",
-           "needs_backward", "use_fast_layer_norm", "layer_norm_2d"]
+           "block_forward", "use_cpu_path", "cpu_block_forward", "block_supported",
+           "refresh_from_env", "compute_dtype", "needs_backward", "use_fast_layer_norm",
+           "layer_norm_2d", "submodules_plain", "drop_path_active"]
 
 
 def _env_enabled() -> bool:
@@ -130,8 +133,6 @@ _PLAIN_LAYER_TYPES = {"dwconv": nn.Conv2d, "norm": nn.LayerNorm, "pwconv1": nn.L
 def submodules_plain(block: nn.Module, names) -> bool:
     """Whether `block`'s submodules `names` are plain layers without hooks (and no global
     module hooks are registered)."""
-    from torch.nn.modules import module as _module
-
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks
             or _module._global_backward_hooks or _module._global_backward_pre_hooks):
         return False
@@ -155,18 +156,21 @@ def _plain_autograd(x: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
+def drop_path_active(block: nn.Module) -> bool:
+    """Whether the block's stochastic depth would drop samples (training, rate > 0)."""
+    return block.training and getattr(getattr(block, "drop_path", None), "drop_prob", 0.0) > 0
+
+
 def block_supported(block: nn.Module) -> bool:
     """Whether a `ConvNextBlock`'s options are covered by the fused kernels."""
     act = getattr(block, "act", None)
     dw = getattr(block, "dwconv", None)
-    drop = getattr(block, "drop_path", None)
-    drop_active = block.training and getattr(drop, "drop_prob", 0.0) > 0
     return (getattr(block, "grn", None) is None and getattr(block, "gamma", None) is not None
             and isinstance(act, nn.GELU) and act.approximate == "none"
             and isinstance(dw, nn.Conv2d) and tuple(dw.kernel_size) == (7, 7)
             and tuple(dw.padding) == (3, 3) and tuple(dw.stride) == (1, 1)
             and tuple(dw.dilation) == (1, 1) and dw.groups == dw.in_channels == dw.out_channels
-            and dw.bias is not None and not drop_active
+            and dw.bias is not None and not drop_path_active(block)
             and submodules_plain(block, ("dwconv", "norm", "pwconv1", "act", "pwconv2")))
 
 
@@ -192,12 +196,17 @@ def needs_backward(block: nn.Module, x: torch.Tensor) -> bool:
                                         or any(p.requires_grad for p in block.parameters()))
 
 
-def _tensor_may_take_fast_path(x: torch.Tensor) -> bool:
-    """What both dispatch decisions need: switched on, a real tensor (not traced by fx,
-    TorchScript or the ONNX exporter) that the kernels can take."""
+def _switched_on_for(x: torch.Tensor) -> bool:
+    """What every dispatch decision needs: switched on, and a real tensor (not traced by fx,
+    TorchScript or the ONNX exporter)."""
     if not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy):
         return False
-    return not torch.onnx.is_in_onnx_export() and fast_path_available(x)
+    return not torch.onnx.is_in_onnx_export()
+
+
+def _tensor_may_take_fast_path(x: torch.Tensor) -> bool:
+    """What both Triton dispatch decisions need: switched on, a tensor the kernels take."""
+    return _switched_on_for(x) and fast_path_available(x)
 
 
 def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
@@ -217,27 +226,20 @@ def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
 
 def use_cpu_path(block: nn.Module, x: torch.Tensor) -> bool:
     """The CPU dispatch decision of `ConvNextBlock.forward`: eager fp32 inference on CPU."""
-    if (not _ENABLED or torch.jit.is_scripting() or isinstance(x, torch.fx.Proxy)
-            or x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if (not _switched_on_for(x) or x.device.type != "cpu" or x.dim() != 4
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()
             or needs_backward(block, x) or not _plain_autograd(x)):
         return False
     # FLOP counters and other dispatch modes (torch.utils.flop_counter) know aten's ops,
     # not oneDNN's; fvcore/mmengine's counters trace (caught above).
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if _get_current_dispatch_mode() is not None:
         return False
-    from . import cpu
-
-    return cpu.block_supported(block, x)
+    return _cpu.block_supported(block, x)
 
 
 def cpu_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Runs `block` with oneDNN's fused linear ops (see `convnext_backbone.ops.cpu`)."""
-    from .cpu import block_forward as _impl
-
-    return _impl(block, x)
+    return _cpu.block_forward(block, x)
 
 
 def use_fast_layer_norm(norm: nn.Module, x: torch.Tensor) -> bool:
@@ -262,3 +264,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from .block import block_forward as _impl
 
     return _impl(block, x)
+
+
+# Last: the CPU path reads this module's helpers (torch only, cheap to import).
+from . import cpu as _cpu  # noqa: E402

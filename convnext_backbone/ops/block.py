@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _module
 
 # Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
 from . import block_params, compute_dtype, needs_backward
@@ -335,8 +336,6 @@ def _take_low_precision_copy(x: Tensor, cdt: torch.dtype) -> Optional[Tensor]:
 
 
 def _hooks_may_change_output(block: torch.nn.Module) -> bool:
-    from torch.nn.modules import module as _module
-
     return bool(block._forward_hooks or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks)
 

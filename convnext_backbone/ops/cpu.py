@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Loaded from the end of convnext_backbone.ops, once these are defined.
+from . import drop_path_active, submodules_plain
+
 __all__ = ["mkldnn_linear_ok", "block_supported", "block_forward"]
 
 _PROBED: Dict[Tuple[str, str], bool] = {}
@@ -83,16 +86,13 @@ def mkldnn_linear_ok(attr: str = "none", algorithm: str = "") -> bool:
 
 def block_supported(block: nn.Module, x: Tensor) -> bool:
     """Whether `block` on `x` (a CPU tensor, no autograd needed) can take this path."""
-    drop = getattr(block, "drop_path", None)
-    if block.training and getattr(drop, "drop_prob", 0.0) > 0:
+    if drop_path_active(block):
         return False
     if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
     if not torch.backends.mkldnn.enabled:  # the user switched oneDNN off
         return False
-    from . import submodules_plain  # the layers computed here, not called: plain, no hooks
-
-    if not submodules_plain(block, ("pwconv1", "act", "pwconv2")):
+    if not submodules_plain(block, ("pwconv1", "act", "pwconv2")):  # computed here, not called
         return False
     params = (block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias)
     if any(p is None or p.dtype != torch.float32 for p in params):
