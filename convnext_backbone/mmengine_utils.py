@@ -17,13 +17,15 @@
 from __future__ import annotations
 
 import builtins
+import os
 import pickle
-from typing import Any, List, Tuple, Union
+import re
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
 __all__ = ["safe_globals", "enable_safe_resume", "enable_atomic_checkpoints",
-           "skip_pretrained_files", "setup_mmengine", "restricted_getattr"]
+           "skip_pretrained_files", "setup_mmengine", "restricted_getattr", "latest_checkpoint"]
 
 # (owner, attribute) pairs `restricted_getattr` may resolve: HistoryBuffer's default
 # statistics methods, which its __getstate__ pickles by reference.
@@ -118,6 +120,30 @@ def enable_atomic_checkpoints() -> None:
     LocalBackend.put = put  # type: ignore[assignment]
     LocalBackend.put_text = put_text  # type: ignore[assignment]
     _ATOMIC_ENABLED = True
+
+
+_CHECKPOINT_NAME = re.compile(r"^(?:iter|epoch)_(\d+)\.pth$")
+
+
+def latest_checkpoint(work_dir: Union[str, os.PathLike]) -> Optional[str]:
+    """The checkpoint `--resume` should continue from: the highest-numbered `iter_N.pth` /
+    `epoch_N.pth` in `work_dir`, else the file `last_checkpoint` names, else None.
+
+    mmengine writes `last_checkpoint` only after the checkpoint itself, so a run killed in
+    between leaves it pointing at an older checkpoint (or missing, after the first one);
+    checkpoints are written atomically, so any one present is complete."""
+    work_dir = os.fspath(work_dir)
+    if not os.path.isdir(work_dir):
+        return None
+    numbered = [(int(m.group(1)), name) for name in os.listdir(work_dir)
+                if (m := _CHECKPOINT_NAME.match(name))]
+    if numbered:
+        return os.path.join(work_dir, max(numbered)[1])
+    pointer = os.path.join(work_dir, "last_checkpoint")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            return f.read().strip() or None
+    return None
 
 
 def setup_mmengine() -> None:

@@ -178,6 +178,11 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     # of a negative size wrongly (silently wrong shapes for other input sizes).
     pad_h = (multiple - x.shape[-2] % multiple) % multiple
     pad_w = (multiple - x.shape[-1] % multiple) % multiple
+    # Concrete sizes needing no padding (eager, or static shapes under compile): F.pad
+    # would still copy the whole input.
+    if (type(pad_h) is int and type(pad_w) is int and pad_h == 0 and pad_w == 0
+            and not torch.jit.is_tracing()):
+        return x
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
@@ -242,7 +247,10 @@ class ConvNextPreTrainedModel(nn.Module):
             for block in self.stages[i]:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             return x
-        return self.stages[i](x)
+        if torch.compiler.is_compiling():
+            return self.stages[i](x)
+        with _ops.block_sequence():  # lets the fast path hand each block the next one's input
+            return self.stages[i](x)
 
     def _forward_trunk(self, x: torch.Tensor, num_stages: int) -> List[torch.Tensor]:
         """Outputs of `stage_names[: num_stages + 1]`: the stem, then each stage."""

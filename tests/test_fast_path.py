@@ -274,6 +274,102 @@ def test_cpu_path_probe_failure_falls_back(monkeypatch):
             assert torch.equal(out, block(x))
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_direct_launch_keys_follow_triton_specialisation():
+    """Two arguments share a direct-launch key exactly when Triton specialises them alike
+    (else a kernel compiled for, say, 16-aligned sizes would run on other ones)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from convnext_backbone.ops._launch import _spec
+
+    base = torch.zeros(64)
+    values = [1, 2, 16, 17, 32, 2**31 - 16, 2**31, 2**31 + 1, -16, 2**40, 0.5, 3.0, True, False,
+              None, base, base[1:], base[4:], base.half(), base.half()[8:], base.to(torch.bfloat16)]
+    triton_spec = lambda v: native_specialize_impl(BaseBackend, v, False, True, True)  # noqa: E731
+    for a in values:
+        for b in values:
+            same_triton = triton_spec(a) == triton_spec(b)
+            assert (_spec(a) == _spec(b)) == same_triton, (a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_direct_launch_reuses_the_compiled_kernel(monkeypatch):
+    """The first call of a specialisation goes through Triton; later ones call the compiled
+    kernel's launcher with every parameter in signature order; another specialisation, a
+    launch hook or the switch sends the call through Triton again."""
+    from convnext_backbone.ops import _launch
+
+    calls = []
+
+    class Kernel:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *args):
+            calls.append(("direct",) + args)
+
+    class Jit:
+        arg_names = ["x_ptr", "n", "eps", "BLOCK", "FLAG"]
+
+        def __getitem__(self, grid):
+            def go(*args, **kwargs):
+                calls.append(("triton", grid, args, kwargs))
+                return Kernel()
+            return go
+
+    monkeypatch.setattr(_launch, "_SUPPORTED", True)
+    monkeypatch.setattr(_launch, "_hooks_set", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    k = _launch.direct_launch(Jit())
+    x = torch.zeros(64)
+    k[(4,)](x, 32, 1e-6, BLOCK=128, FLAG=True, num_warps=4)
+    k[(5, 2)](x, 48, 1e-5, BLOCK=128, FLAG=True, num_warps=4)  # same specialisation
+    assert [c[0] for c in calls] == ["triton", "direct"]
+    assert calls[1][1:] == (5, 2, 1, 7, "fn", "meta", None, None, None, x, 48, 1e-5, 128, True)
+    k[(5,)](x, 47, 1e-5, BLOCK=128, FLAG=True, num_warps=4)  # 47: not divisible by 16
+    k[(5,)](x[1:], 48, 1e-5, BLOCK=128, FLAG=True, num_warps=4)  # misaligned pointer
+    k[(5,)](x, 48, 1e-5, BLOCK=64, FLAG=True, num_warps=4)  # another constexpr
+    assert [c[0] for c in calls[2:]] == ["triton", "triton", "triton"]
+    monkeypatch.setattr(_launch, "_hooks_set", lambda: True)  # e.g. a profiler's hooks
+    k[(5,)](x, 48, 1e-5, BLOCK=128, FLAG=True, num_warps=4)
+    assert calls[-1][0] == "triton"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_direct_launch_sees_launch_hooks(monkeypatch):
+    """Triton's default (empty) hook chains do not count as hooks; an added hook does."""
+    from triton import knobs
+
+    from convnext_backbone.ops import _launch
+
+    assert not _launch._hooks_set()
+    hook = knobs.runtime.launch_enter_hook
+    if hasattr(hook, "add"):
+        fn = lambda *args: None  # noqa: E731
+        hook.add(fn)
+        try:
+            assert _launch._hooks_set()
+        finally:
+            hook.remove(fn)
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", lambda *args: None)
+    assert _launch._hooks_set()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_direct_launch_matches_installed_triton():
+    """The installed Triton launches compiled kernels the way `_DirectLaunch` calls them (a
+    newer Triton that does not would turn direct launches off, silently slower)."""
+    code = ("from convnext_backbone.ops import _launch; import sys; "
+            "sys.exit(0 if _launch.direct_launch_supported() else 1)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "CONVNEXT_TRITON_DIRECT_LAUNCH")}
+    assert subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=ROOT),
+                          cwd=ROOT).returncode == 0
+    off = dict(env, PYTHONPATH=ROOT, CONVNEXT_TRITON_DIRECT_LAUNCH="0")
+    assert subprocess.run([sys.executable, "-c", code], env=off, cwd=ROOT).returncode == 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize("conv_impl,amp", [("cudnn", False), ("triton", False), ("cudnn", True),
@@ -313,6 +409,9 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
                 out = m(x).feature_maps
                 with torch.no_grad():
                     infer[fast] = [f.float() for f in m(x0).feature_maps]
+                with torch.inference_mode():  # the blocks hand on copies inside each stage
+                    assert all(torch.equal(f.float(), i)
+                               for f, i in zip(m(x0).feature_maps, infer[fast]))
             g = torch.Generator().manual_seed(1)
             sum((f.float() * torch.randn(f.shape, generator=g)).sum() for f in out).backward()
             res[fast] = ([f.detach().float() for f in out],
@@ -332,11 +431,23 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
             for stage in (m.stages[1], m.stages[3]):
                 c = stage[0].dwconv.in_channels
                 t = torch.randn(2, c, 5, 9).contiguous(memory_format=torch.channels_last)
+                triton_conv = os.environ["CONVNEXT_DWCONV"] == "triton"  # reads x directly
                 with torch.inference_mode(), torch.autocast("cpu", torch.float16):
-                    assert attr not in stage[0](t).__dict__  # no version counter: no copy
+                    # No version counter: a copy only inside the stage's loop over its blocks.
+                    assert attr not in stage[0](t).__dict__
+                    with ops.block_sequence():
+                        mid_i = stage[0](t)
+                        if not triton_conv:
+                            copy_i, version = mid_i.__dict__[attr]
+                            assert version is None and torch.equal(copy_i, mid_i.half())
+                        out_i = stage[1](mid_i)
+                        assert attr not in mid_i.__dict__ and attr not in out_i.__dict__
+                    if not triton_conv:  # a stray one is not trusted outside the loop
+                        mid_i.__dict__[attr] = (copy_i * 2, None)
+                        assert torch.equal(stage[1](mid_i), out_i)
                 with torch.no_grad(), torch.autocast("cpu", torch.float16):
                     mid = stage[0](t)
-                    if os.environ["CONVNEXT_DWCONV"] == "triton":  # reads x directly
+                    if triton_conv:
                         assert attr not in mid.__dict__
                         continue
                     copy, _ = mid.__dict__[attr]
@@ -393,6 +504,54 @@ def test_gpu_fast_path_matches_reference(amp, channels_last):
         assert _rel(a, b) <= tol
     for name in g_ref:
         assert _rel(g_fast[name], g_ref[name]) <= tol, name
+
+
+@gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_gpu_direct_launches_match_triton_launches(monkeypatch, amp):
+    """Kernels launched directly (the second step on: same specialisations) compute what
+    Triton's own launches compute, and direct launches really happen."""
+    from convnext_backbone.ops import _kernels, _launch
+
+    m = _model("cuda").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 96, 160, device="cuda").contiguous(memory_format=torch.channels_last)
+    kernels = [k for k in vars(_kernels).values() if isinstance(k, _launch._DirectLaunch)]
+    monkeypatch.setattr(_launch, "_SUPPORTED", False)
+    f_triton, g_triton = _run(m, x, True, amp)
+    monkeypatch.setattr(_launch, "_SUPPORTED", True)
+    hits = []
+    for k in kernels:  # count launches that find their compiled kernel
+        orig = k.launch
+        monkeypatch.setattr(k, "launch", lambda grid, args, kw, k=k, orig=orig: (
+            hits.append(k) if (torch.cuda.current_device(), tuple(map(_launch._spec, args)),
+                               tuple(kw.items())) in k._cache else None, orig(grid, args, kw))[1])
+    _run(m, x, True, amp)
+    f_direct, g_direct = _run(m, x, True, amp)
+    assert len(hits) > 10
+    for a, b in zip(f_direct, f_triton):
+        assert _rel(a, b) <= 1e-6
+    for name in g_triton:  # cuDNN's weight gradient may sum in another order
+        assert _rel(g_direct[name], g_triton[name]) <= 1e-5, name
+
+
+@gpu
+@pytest.mark.parametrize("cudnn_benchmark", [False, True])
+def test_gpu_direct_cudnn_depthwise_conv_is_aten_conv(cudnn_benchmark, monkeypatch):
+    """The block's depthwise conv calls cuDNN's op directly for half-precision channels_last
+    input: the same result as F.conv2d (which dispatches to the same kernel), bit for bit."""
+    from convnext_backbone.ops.block import _depthwise_conv7
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", cudnn_benchmark)
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for n, c, h, w in [(2, 96, 56, 56), (3, 200, 13, 5), (1, 768, 7, 7)]:
+            x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            wt = torch.randn(c, 1, 7, 7, device="cuda", dtype=dtype)
+            out = _depthwise_conv7(x, wt)
+            ref = torch.nn.functional.conv2d(x, wt, None, padding=3, groups=c)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(out, ref), (dtype, c)
 
 
 @gpu

@@ -104,3 +104,19 @@ def test_atomic_checkpoint_writes(tmp_path):
     assert target.read_bytes() == b"complete checkpoint"  # the old file is intact
     backend.put_text("iter_10.pth", str(tmp_path / "last_checkpoint"))
     assert sorted(os.listdir(tmp_path)) == ["iter_10.pth", "last_checkpoint"]  # no temp files
+
+
+def test_latest_checkpoint_does_not_trust_a_lagging_pointer(tmp_path):
+    """`--resume` continues from the newest checkpoint present, even when the run was killed
+    after writing it but before mmengine's `last_checkpoint` pointer named it."""
+    from convnext_backbone.mmengine_utils import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "missing") is None
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "elsewhere.pth"))
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "elsewhere.pth")  # only the pointer
+    for n in (4, 12, 8):  # numeric, not lexical, order
+        (tmp_path / f"iter_{n}.pth").write_bytes(b"x")
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_8.pth"))
+    (tmp_path / "best_mIoU_iter_20.pth").write_bytes(b"x")  # not a resume point
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "iter_12.pth")

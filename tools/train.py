@@ -116,8 +116,11 @@ def build_config(args: argparse.Namespace):
         cfg.optim_wrapper.pop("loss_scale", None)
 
     if args.resume == "auto":
+        from convnext_backbone.mmengine_utils import latest_checkpoint
+
         cfg.resume = True
-        cfg.load_from = None
+        # Not mmengine's `last_checkpoint` alone: it lags the checkpoint it names.
+        cfg.load_from = latest_checkpoint(cfg.work_dir)
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume

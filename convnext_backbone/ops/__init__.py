@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 from typing import Iterator, Optional
 
 import torch
@@ -37,7 +38,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 __all__ = ["fast_path", "fast_path_enabled", "fast_path_available", "use_fast_path",
            "block_forward", "use_cpu_path", "cpu_block_forward", "block_supported",
            "refresh_from_env", "compute_dtype", "needs_backward", "use_fast_layer_norm",
-           "layer_norm_2d", "submodules_plain", "drop_path_active"]
+           "layer_norm_2d", "submodules_plain", "drop_path_active", "block_sequence",
+           "in_block_sequence"]
 
 
 def _env_enabled() -> bool:
@@ -61,6 +63,28 @@ MIN_TRAIN_PIXELS = int(os.environ.get("CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS", "16
 # Triton's interpreter runs the kernels on CPU tensors: lets CPU-only CI check the kernels'
 # arithmetic (slowly, on tiny shapes). Read once at import, like Triton itself does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Depth of `block_sequence` contexts on this thread.
+_SEQUENCE = threading.local()
+
+
+@contextlib.contextmanager
+def block_sequence() -> Iterator[None]:
+    """Marks a stage's own loop over its blocks (the model's `_run_blocks`): inside it, a
+    block's output goes straight to the next block, so the fast path may hand the next
+    block a compute-dtype copy of it even for inference-mode tensors, which have no version
+    counter to show a change in between (see `ops.block`)."""
+    _SEQUENCE.depth = getattr(_SEQUENCE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _SEQUENCE.depth -= 1
+
+
+def in_block_sequence() -> bool:
+    """Whether a `block_sequence` is running on this thread."""
+    return getattr(_SEQUENCE, "depth", 0) > 0
 
 
 def refresh_from_env() -> bool:

@@ -24,10 +24,17 @@ Accumulation is fp32 whatever the storage dtype.
 - `gelu_bwd`: GELU backward that also returns GELU(h) (for pwconv2's weight gradient)
   and the column sums of its result (pwconv1's bias gradient): one pass over the 4C-wide
   tensors instead of three.
+- `cast_params`: up to five weights cast to the compute dtype by one launch into one
+  buffer (optionally the first scaled row-wise: gamma * W2 for the backward).
+- `layer_scale_grads`: pwconv2's weight and bias gradients and the layer scale's, from
+  dout^T gelu(h) and dout's column sums, in one launch.
 - `ln_mlp_residual`: the rest of the block after the conv in one kernel, for bf16/fp16:
   LayerNorm -> pwconv1 (+bias) -> GELU -> pwconv2 (+bias) -> layer scale -> residual add.
   The 4C-wide hidden activation lives only in registers (stored once, pre-GELU, when the
   backward pass needs it); neither the LayerNorm output nor pwconv2's output reach memory.
+
+Every kernel is launched through `_launch.direct_launch`: after Triton has compiled it for
+an argument specialisation, later launches call the compiled kernel directly.
 """
 from __future__ import annotations
 
@@ -37,14 +44,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import direct_launch
+
 __all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
-           "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add"]
+           "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add", "cast_params",
+           "layer_scale_grads"]
 
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+@direct_launch
 @triton.jit
 def _dwconv7_kernel(src_ptr, w_ptr, b_ptr, res_ptr, y_ptr, xn_ptr, lnw_ptr, lnb_ptr,
                     mean_ptr, rstd_ptr, H, W, C, eps,
@@ -103,6 +114,7 @@ def _tap(x_ptr, offs, ww, d: tl.constexpr, W, C, hvalid, gmask):
     return v.to(tl.float32)
 
 
+@direct_launch
 @triton.jit
 def _dwconv7_wgrad_kernel(dy_ptr, x_ptr, part_ptr, NH, H, W, C, rows_per_prog,
                           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -155,6 +167,7 @@ def _dwconv7_wgrad_kernel(dy_ptr, x_ptr, part_ptr, NH, H, W, C, rows_per_prog,
     tl.store(base + 7 * C, tl.sum(ab, axis=0), mask=cmask)
 
 
+@direct_launch
 @triton.jit
 def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr,
                    xn_ptr, part_ptr, P, C, tiles_per_prog,
@@ -327,6 +340,7 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
             s[2].clone() if sum_dy else None)
 
 
+@direct_launch
 @triton.jit
 def _cast_colsum_kernel(src_ptr, dst_ptr, part_ptr, P, C, tiles_per_prog,
                         STORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -371,6 +385,7 @@ def _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, ck, C: tl.constexpr):
     return yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
 
 
+@direct_launch
 @triton.jit
 def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                    gam_ptr, out_ptr, out_lp_ptr, h_ptr, mean_ptr, rstd_ptr, P, eps,
@@ -463,10 +478,11 @@ def ln_mlp_supported(C: int, dtype: torch.dtype) -> bool:
 
 def _ln_mlp_config(C: int) -> Tuple[int, int, int, int, int]:
     """(OUT_W, BLOCK_M, BLOCK_H, num_warps, num_stages) for width C: the fastest of
-    tools/microbench_ln_mlp.py --sweep on an H100 at C=96 and 192."""
+    `tools/microbench_ln_mlp.py --sweep --weights bf16` on an H100 at C=96 and 192 (for
+    96: 0.425 ms against 0.466 for the next best tile, at 128x56x56 pixels)."""
     c_pad = _pow2(C)
     if c_pad <= 128:
-        return c_pad, 128, 128, 8, 2
+        return c_pad, 64, 64, 4, 2
     return c_pad, 128, 64, 8, 2
 
 
@@ -510,6 +526,7 @@ def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
     return (h, mean, rstd) if store_h else None
 
 
+@direct_launch
 @triton.jit
 def _residual_kernel(x_ptr, z_ptr, gam_ptr, out_ptr, out_lp_ptr, P, C,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -537,6 +554,7 @@ def residual_scale_add(x: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor,
                                                  num_warps=num_warps)
 
 
+@direct_launch
 @triton.jit
 def _gelu_bwd_kernel(dg_ptr, h_ptr, dh_ptr, g_ptr, part_ptr, P, HID, tiles_per_prog,
                      BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -576,6 +594,7 @@ def gelu_bwd(dg: torch.Tensor, h: torch.Tensor
     return dh, g, part.sum(0)
 
 
+@direct_launch
 @triton.jit
 def _ln_fwd_kernel(x_ptr, xb_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, C, eps,
                    HAS_X_BIAS: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -622,3 +641,102 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
                                                BLOCK_C=block_c,
                                                num_warps=num_warps)
     return (out, mean, rstd) if store_stats else (out, None, None)
+
+
+@triton.jit
+def _cast_slot(src_ptr, dst_ptr, n, offs, scale_ptr, row_len, SCALED: tl.constexpr):
+    m = offs < n
+    v = tl.load(src_ptr + offs, mask=m, other=0.0)
+    if SCALED:  # times a per-row factor, in fp32 (rows of row_len elements)
+        v = v.to(tl.float32) * tl.load(scale_ptr + offs // row_len, mask=m, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+@direct_launch
+@triton.jit
+def _cast_params_kernel(s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3, s4, d4, n4,
+                        scale_ptr, row_len, SCALE0: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.program_id(1)
+    if slot == 0:
+        _cast_slot(s0, d0, n0, offs, scale_ptr, row_len, SCALE0)
+    elif slot == 1:
+        _cast_slot(s1, d1, n1, offs, scale_ptr, row_len, False)
+    elif slot == 2:
+        _cast_slot(s2, d2, n2, offs, scale_ptr, row_len, False)
+    elif slot == 3:
+        _cast_slot(s3, d3, n3, offs, scale_ptr, row_len, False)
+    else:
+        _cast_slot(s4, d4, n4, offs, scale_ptr, row_len, False)
+
+
+_CAST_SLOTS = 5
+
+
+def cast_params(tensors, dtype: torch.dtype, row_scale: Optional[torch.Tensor] = None):
+    """The (contiguous) `tensors`, at most 5, in `dtype`, cast by one kernel launch into one
+    buffer instead of one `.to` (a launch and an allocation) each: the block's weights under
+    autocast. Tensors already in `dtype` are returned as they are. With `row_scale` (R,), the
+    first tensor, (R, K), is multiplied row-wise by it (in fp32) before rounding."""
+    if len(tensors) > _CAST_SLOTS:
+        raise ValueError(f"cast_params takes at most {_CAST_SLOTS} tensors, got {len(tensors)}")
+    todo = [i for i, t in enumerate(tensors) if t.dtype != dtype or (i == 0 and row_scale is not None)]
+    out = list(tensors)
+    if not todo:
+        return out
+    # Each piece starts 16-byte aligned (vectorised loads and stores in every slot).
+    align = max(1, 16 // dtype.itemsize)
+    sizes = [tensors[i].numel() for i in todo]
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += triton.cdiv(n, align) * align
+    flat = torch.empty((total,), device=tensors[todo[0]].device, dtype=dtype)
+    slots = []
+    for i, start, n in zip(todo, starts, sizes):
+        dst = flat[start:start + n]
+        out[i] = dst.view(tensors[i].shape)
+        slots += [tensors[i].contiguous(), dst, n]
+    while len(slots) < 3 * _CAST_SLOTS:  # unused slots: nothing to copy
+        slots += [flat, flat, 0]
+    scaled = row_scale is not None
+    block = 2048
+    _cast_params_kernel[(triton.cdiv(max(sizes), block), _CAST_SLOTS)](
+        *slots, row_scale if scaled else flat, tensors[0].shape[-1] if scaled else 1,
+        SCALE0=scaled, BLOCK=block, num_warps=4)
+    return out
+
+
+@direct_launch
+@triton.jit
+def _layer_scale_grads_kernel(m_ptr, w2_ptr, gam_ptr, b2_ptr, dsum_ptr, dw2_ptr, dgam_ptr,
+                              db2_ptr, HID, BLOCK_H: tl.constexpr):
+    c = tl.program_id(0)
+    gam = tl.load(gam_ptr + c).to(tl.float32)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in range(0, HID, BLOCK_H):
+        k = j + tl.arange(0, BLOCK_H)
+        km = k < HID
+        m = tl.load(m_ptr + c * HID + k, mask=km, other=0.0).to(tl.float32)
+        w = tl.load(w2_ptr + c * HID + k, mask=km, other=0.0).to(tl.float32)
+        tl.store(dw2_ptr + c * HID + k, (m * gam).to(dw2_ptr.dtype.element_ty), mask=km)
+        acc += m * w
+    ds = tl.load(dsum_ptr + c)
+    b2 = tl.load(b2_ptr + c).to(tl.float32)
+    tl.store(dgam_ptr + c, (tl.sum(acc, axis=0) + b2 * ds).to(dgam_ptr.dtype.element_ty))
+    tl.store(db2_ptr + c, (gam * ds).to(db2_ptr.dtype.element_ty))
+
+
+def layer_scale_grads(m: torch.Tensor, w2: torch.Tensor, gamma: torch.Tensor, b2: torch.Tensor,
+                      dsum: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of pwconv2's weight and bias and of the layer scale, in their parameters'
+    dtypes, from m = dout^T gelu(h) (C, 4C) and dsum = dout summed over pixels (C,), fp32:
+    dW2 = gamma[:, None] * m, db2 = gamma * dsum, dgamma = sum_k W2 * m + b2 * dsum
+    (one launch instead of seven elementwise ops and a reduction)."""
+    C, hid = m.shape
+    dw2 = torch.empty((C, hid), device=m.device, dtype=w2.dtype)
+    dgamma = torch.empty((C,), device=m.device, dtype=gamma.dtype)
+    db2 = torch.empty((C,), device=m.device, dtype=b2.dtype)
+    _layer_scale_grads_kernel[(C,)](m, w2, gamma, b2, dsum, dw2, dgamma, db2, hid,
+                                    BLOCK_H=min(1024, _pow2(hid)), num_warps=4)
+    return dw2, db2, dgamma

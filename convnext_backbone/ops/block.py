@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.modules import module as _module
 
 # Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
-from . import block_params, compute_dtype, needs_backward
+from . import block_params, compute_dtype, in_block_sequence, needs_backward
 
 __all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN"]
 
@@ -68,6 +68,22 @@ def _empty_nchw_channels_last(like: Tensor, shape: Tuple[int, int, int, int],
                               dtype: torch.dtype) -> Tensor:
     n, c, h, w = shape
     return like.new_empty((n, h, w, c), dtype=dtype).permute(0, 3, 1, 2)
+
+
+def _depthwise_conv7(x: Tensor, weight: Tensor) -> Tensor:
+    """`F.conv2d(x, weight, None, padding=3, groups=C)`. For half-precision channels_last CUDA
+    tensors, where aten picks cuDNN, cuDNN's op is called directly: aten's convolution
+    dispatch before it costs host time on every call, and eager steps are bound by the host
+    issuing kernels. Same kernel, same settings (benchmark, determinism, TF32)."""
+    c = x.shape[1]
+    if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.ops.aten.cudnn_convolution.default(
+            x, weight, [3, 3], [1, 1], [1, 1], c, torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled(),
+            torch.backends.cudnn.allow_tf32)
+    return F.conv2d(x, weight, None, padding=3, groups=c)
 
 
 def _y_lacks_conv_bias(c: int, cdt: torch.dtype, conv_impl: int) -> bool:
@@ -118,6 +134,15 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
             out_lp_pc = out_lp.permute(0, 2, 3, 1).view(p, c)
         else:
             out_lp, out_lp_pc = x.new_empty((0,), dtype=cdt), None
+        # One launch casts every weight that is read in the compute dtype. The fused kernel
+        # reads its matrices 24% faster in bf16 than casting fp32 ones as it loads them
+        # (H100, tools/microbench_ln_mlp.py --weights fp32 bf16); its vectors stay as they are.
+        with_taps = (dw_weight,) if conv_impl == CONV_CUDNN else ()
+        if fused_mlp:
+            w1, w2, *rest = _kernels.cast_params((w1, w2) + with_taps, cdt)
+        else:
+            w1, b1, w2, b2, *rest = _kernels.cast_params((w1, b1, w2, b2) + with_taps, cdt)
+        dwc = rest[0] if rest else dw_weight
         if conv_impl == CONV_CUDNN:
             xc = (x_lp if x_lp is not None
                   else x.to(cdt).contiguous(memory_format=torch.channels_last))
@@ -125,7 +150,7 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
                 xs = xc
             # The conv bias is added where y is next read (the fused kernel or the LayerNorm):
             # cuDNN would add it in a separate pass over y.
-            y4 = F.conv2d(xc, dw_weight.to(cdt), None, padding=3, groups=c)
+            y4 = _depthwise_conv7(xc, dwc)
             y = _nhwc(y4.contiguous(memory_format=torch.channels_last))
         elif fused_mlp:
             taps = dw_weight.reshape(c, 49).t().contiguous()
@@ -145,9 +170,9 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
             taps = dw_weight.reshape(c, 49).t().contiguous()
             y, xn, mean, rstd = _kernels.dwconv7(xf, taps, dw_bias, n, hh, ww, c, cdt,
                                                  ln=(ln_weight, ln_bias, eps))
-        h = torch.addmm(b1.to(cdt), xn, w1.to(cdt).t())
+        h = torch.addmm(b1, xn, w1.t())
         del xn
-        z = torch.addmm(b2.to(cdt), F.gelu(h), w2.to(cdt).t())
+        z = torch.addmm(b2, F.gelu(h), w2.t())
         if emit_lp:
             _kernels.residual_scale_add(xf, z, gamma, out_pc, out_lp_pc)
         else:
@@ -202,18 +227,19 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         if not do.is_contiguous():
             do = do.contiguous()
         do_c, dsum = _kernels.cast_colsum(do, cdt)  # dsum: for b2's and gamma's gradients
-        gam = gamma.float()
-        dg = torch.mm(do_c, (w2.float() * gam[:, None]).to(cdt))  # (P, 4C)
+        # gamma * W2 (the layer scale folded into pwconv2), W1 and the conv taps in the
+        # compute dtype: one launch.
+        cast = (w2, w1) + ((dw_weight,) if conv_impl == CONV_CUDNN else ())
+        w2g, w1c, *rest = _kernels.cast_params(cast, cdt, row_scale=gamma)
+        dg = torch.mm(do_c, w2g)  # (P, 4C)
         dh, g, db1 = _kernels.gelu_bwd(dg, h)  # one pass: GELU', GELU and pwconv1's bias grad
         del dg
         # pwconv2 and layer scale: one product dout^T gelu(h) serves W2 and gamma.
-        m = torch.mm(do_c.t(), g).float()  # (C, 4C)
+        m = torch.mm(do_c.t(), g)  # (C, 4C)
         del g
-        dw2 = m * gam[:, None]
-        db2 = gam * dsum
-        dgamma = (m * w2.float()).sum(1) + b2.float() * dsum
+        dw2, db2, dgamma = _kernels.layer_scale_grads(m, w2, gamma, b2, dsum)
         del m
-        dxn = torch.mm(dh, w1.to(cdt))  # (P, C)
+        dxn = torch.mm(dh, w1c)  # (P, C)
         y_bias = dw_bias if _y_lacks_conv_bias(c, cdt, conv_impl) else None
         # With cuDNN, the conv bias gradient (sum of dy) comes from the LayerNorm kernel.
         dy, xn, dlnw, dlnb, dy_sum = _kernels.ln_bwd(y, dxn, mean, rstd, ln_weight, ln_bias, cdt,
@@ -224,11 +250,11 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         if conv_impl == CONV_CUDNN:
             xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
             dy4 = dy.view(n, hh, ww, c).permute(0, 3, 1, 2)
-            wc = dw_weight.to(cdt)
+            wc = rest[0]
             # The input gradient of a stride-1 depthwise conv is the forward conv of dy with
             # the taps mirrored: cuDNN's forward kernel does it 2.5x faster than its dgrad
             # (H100, bf16, 32x96x128x128: 0.34 vs 0.87 ms; tools/microbench_kernels.py).
-            dxc = F.conv2d(dy4, wc.flip(2, 3), None, padding=3, groups=c)
+            dxc = _depthwise_conv7(dy4, wc.flip(2, 3))
             _, ddw, _ = torch.ops.aten.convolution_backward(
                 dy4, xc, wc, [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c,
                 [False, True, False])
@@ -320,8 +346,10 @@ class _BlockFunction(torch.autograd.Function):
 # attached to the output tensor; the next block takes it (removing it, so that checkpointing
 # or a caller holding the tensor keeps no extra memory) and convolves it instead of casting
 # its input again: one pass over memory less per block. The copy is used only while the
-# tensor is unchanged (its version counter); hooks that could change the tensor, and
-# inference-mode tensors (which have no version counter), switch this off.
+# tensor is unchanged (its version counter); hooks that could change the tensor switch this
+# off. Inference-mode tensors have no version counter: for them the copy is made and used
+# only inside a stage's own loop over its blocks (`ops.block_sequence`), where nothing but
+# hooks runs between one block and the next.
 _LOW_PRECISION_ATTR = "_convnext_low_precision_copy"
 
 
@@ -330,9 +358,11 @@ def _take_low_precision_copy(x: Tensor, cdt: torch.dtype) -> Optional[Tensor]:
     if entry is None:
         return None
     copy, version = entry
-    if copy.dtype != cdt or copy.shape != x.shape or version != x._version:
+    if copy.dtype != cdt or copy.shape != x.shape:
         return None
-    return copy
+    if version is None:  # made for an inference tensor, inside a stage's loop
+        return copy if in_block_sequence() else None
+    return copy if not x.is_inference() and version == x._version else None
 
 
 def _hooks_may_change_output(block: torch.nn.Module) -> bool:
@@ -355,13 +385,14 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
         args = (x, None, *block_params(block), float(block.norm.eps), cdt, impl, keep, False)
         return torch.ops.convnext_backbone.block_fwd(*args)[0]
     x_lp, emit = None, False
-    if impl == CONV_CUDNN and x.dtype != cdt and not torch.is_inference_mode_enabled():
+    if impl == CONV_CUDNN and x.dtype != cdt:
         x_lp = None if block._forward_pre_hooks else _take_low_precision_copy(x, cdt)
-        emit = bool(getattr(block, "feeds_block", False)) and not _hooks_may_change_output(block)
+        emit = (bool(getattr(block, "feeds_block", False)) and not _hooks_may_change_output(block)
+                and (not torch.is_inference_mode_enabled() or in_block_sequence()))
     # x_lp only here: the custom op (compile path) gets None, so none of its outputs (xs may
     # be x_lp) aliases an input.
     args = (x, x_lp, *block_params(block), float(block.norm.eps), cdt, impl, keep, emit)
     out, out_lp = _BlockFunction.apply(*args)
     if emit:
-        out.__dict__[_LOW_PRECISION_ATTR] = (out_lp, out._version)
+        out.__dict__[_LOW_PRECISION_ATTR] = (out_lp, None if out.is_inference() else out._version)
     return out

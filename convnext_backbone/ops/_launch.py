@@ -1,0 +1,126 @@
+"""Launching already-compiled Triton kernels without Triton's per-call dispatch.
+
+`kernel[grid](*args)` runs `JITFunction.run` on every call: it binds the arguments,
+specialises them, hashes a cache key, looks up hooks and the current device and stream,
+and only then calls the compiled kernel's C launcher. For the small, many launches of an
+eager ConvNeXt step that Python work is a large part of the host time (the step is bound
+by the host issuing kernels, not by the GPU). `direct_launch` wraps a `@triton.jit`
+kernel with the same call syntax: the first call for a given *specialisation* goes
+through Triton (compiling and launching as usual) and keeps the compiled kernel; later
+calls with the same specialisation call its launcher directly.
+
+The specialisation key follows Triton's rules (`triton.runtime.jit`'s
+`native_specialize_impl`): tensors by dtype and 16-byte alignment; integers by whether
+they equal 1, are divisible by 16 and fit 32 or 64 bits; floats and bools by type;
+everything else (None, constexprs) by value. It is used only when the installed Triton
+launches compiled kernels the way this module calls them (checked once, from
+`JITFunction.run`'s source), with no launch hooks set (profilers such as proton set
+them), and not under Triton's interpreter; otherwise, and with
+``CONVNEXT_TRITON_DIRECT_LAUNCH=0``, every call goes through Triton.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["direct_launch", "direct_launch_supported"]
+
+# The launch statement of `JITFunction.run` (Triton 3.3 .. 3.8) that `_DirectLaunch`
+# reproduces; whitespace is ignored when matching.
+_EXPECTED_LAUNCH = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,"
+                    "kernel.packed_metadata,launch_metadata,knobs.runtime.launch_enter_hook,"
+                    "knobs.runtime.launch_exit_hook,*bound_args.values())")
+_SUPPORTED: Optional[bool] = None
+
+
+def direct_launch_supported() -> bool:
+    """Whether the installed Triton can be launched directly (see the module docstring)."""
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        ok = (os.environ.get("CONVNEXT_TRITON_DIRECT_LAUNCH", "1").strip().lower()
+              not in ("0", "false", "off", "no")
+              and os.environ.get("TRITON_INTERPRET", "0") != "1")
+        if ok:
+            try:
+                from triton import knobs  # noqa: F401  (Triton >= 3.4)
+                from triton.runtime.jit import JITFunction
+
+                src = "".join(inspect.getsource(JITFunction.run).split())
+                ok = _EXPECTED_LAUNCH in src
+            except Exception:  # noqa: BLE001 - any surprise means "use Triton's own path"
+                ok = False
+        _SUPPORTED = ok
+    return _SUPPORTED
+
+
+def _hook_active(hook: Any) -> bool:
+    # Triton >= 3.5 keeps the hooks as a `HookChain` (a list of callables, empty by
+    # default); older ones as None or a callable.
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
+def _hooks_set() -> bool:
+    from triton import knobs
+
+    return (_hook_active(knobs.runtime.launch_enter_hook)
+            or _hook_active(knobs.runtime.launch_exit_hook))
+
+
+_I32 = (-2**31, 2**31)
+
+
+def _spec(arg: Any) -> Any:
+    """The part of Triton's specialisation of one runtime argument that picks the kernel."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool):
+        return bool
+    if isinstance(arg, int):
+        return (int, arg == 1, arg % 16 == 0, _I32[0] <= arg < _I32[1], arg < 2**63)
+    if isinstance(arg, float):
+        return float
+    return (type(arg), arg)
+
+
+class _DirectLaunch:
+    """`kernel[grid](*args, **constexprs_and_options)`, the Triton dispatch skipped once the
+    kernel for this specialisation is compiled. Runtime arguments are passed positionally,
+    constexprs and launch options (num_warps, num_stages) by keyword."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self._cache: Dict[Tuple, Tuple[Any, Tuple]] = {}
+
+    def __getitem__(self, grid: Tuple[int, ...]) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid: Tuple[int, ...], args: Tuple, kwargs: Dict[str, Any]) -> None:
+        if not direct_launch_supported() or _hooks_set():
+            self.fn[grid](*args, **kwargs)
+            return
+        device = torch.cuda.current_device()
+        key = (device, tuple(map(_spec, args)), tuple(kwargs.items()))
+        entry = self._cache.get(key)
+        if entry is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            # The compiled kernel's launcher takes every parameter in signature order,
+            # constexprs included; ours come positionally, then by keyword.
+            names = self.fn.arg_names[len(args):]
+            if kernel is not None and all(name in kwargs for name in names):
+                self._cache[key] = (kernel, tuple(kwargs[name] for name in names))
+            return
+        kernel, trailing = entry
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                   torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *trailing)
+
+
+def direct_launch(fn: Any) -> _DirectLaunch:
+    """Decorator (under `@triton.jit`) giving the kernel `_DirectLaunch`'s fast launches."""
+    return _DirectLaunch(fn)
