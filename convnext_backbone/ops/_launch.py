@@ -28,8 +28,8 @@ import torch
 
 __all__ = ["direct_launch", "direct_launch_supported"]
 
-# The launch statement of `JITFunction.run` (Triton 3.3 .. 3.8) that `_DirectLaunch`
-# reproduces; whitespace is ignored when matching.
+# The launch statement of `JITFunction.run` that `_DirectLaunch` reproduces (as in Triton
+# 3.6 and 3.8, the versions it was run with); whitespace is ignored when matching.
 _EXPECTED_LAUNCH = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,"
                     "kernel.packed_metadata,launch_metadata,knobs.runtime.launch_enter_hook,"
                     "knobs.runtime.launch_exit_hook,*bound_args.values())")
