@@ -370,6 +370,94 @@ def test_direct_launch_matches_installed_triton():
     assert subprocess.run([sys.executable, "-c", code], env=off, cwd=ROOT).returncode == 1
 
 
+def _run_in_interpreter(code: str) -> str:
+    """Runs `code` in a subprocess with Triton's CPU interpreter; returns its stdout."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_cast_params_scales_and_mirrors_in_triton_interpreter():
+    """One launch casts the backward's weights: gamma * W2 (row-scaled in fp32), W1, and the
+    conv taps mirrored (flip(2, 3)), the taps even when they already have the dtype."""
+    out = _run_in_interpreter("""
+        import torch
+        from convnext_backbone.ops import _kernels as K
+        torch.manual_seed(0)
+        w2, w1, taps, gamma = (torch.randn(4, 16), torch.randn(16, 4), torch.randn(4, 1, 7, 7),
+                               torch.randn(4))
+        a, b, t = K.cast_params((w2, w1, taps), torch.float16, row_scale=gamma, reverse_last=49)
+        assert torch.equal(a, (gamma[:, None] * w2).half()) and torch.equal(b, w1.half())
+        assert torch.equal(t, taps.flip(2, 3).half()) and t.shape == taps.shape
+        t16 = taps.half()
+        (t2,) = K.cast_params((t16,), torch.float16, reverse_last=49)
+        assert torch.equal(t2, t16.flip(2, 3))
+        (same,) = K.cast_params((t16,), torch.float16)
+        assert same is t16  # nothing to do: no copy, no launch
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_column_sums_bands_equal_separate_sums_in_triton_interpreter():
+    """The backward's three row kernels write their partial column sums into bands of one
+    `ColumnSums` buffer (more programs than some of them need: those write zeros); the one
+    reduction equals each kernel's own sums. A band too small for a kernel is refused."""
+    out = _run_in_interpreter("""
+        import torch
+        from convnext_backbone.ops import _kernels as K
+        torch.manual_seed(0)
+        for P, C in [(37, 16), (300, 32)]:
+            do = torch.randn(P, C)
+            dg, h = torch.randn(P, 4 * C).half(), torch.randn(P, 4 * C).half()
+            y, dxn = torch.randn(P, C).half(), torch.randn(P, C).half()
+            mean, rstd = torch.randn(P), torch.rand(P) + 0.5
+            lnw, lnb, yb = torch.randn(C), torch.randn(C), torch.randn(C)
+            _, dsum = K.cast_colsum(do, torch.float16)
+            _, _, db1 = K.gelu_bwd(dg, h)
+            _, _, dw, db, ds = K.ln_bwd(y, dxn, mean, rstd, lnw, lnb, torch.float16, yb,
+                                        sum_dy=True)
+            sums = K.ColumnSums(P, (C, 4 * C, 3 * C), do.device)
+            sums._buf.fill_(float("nan"))  # rows no program writes would show
+            K.cast_colsum(do, torch.float16, part=sums.band(0))
+            K.gelu_bwd(dg, h, part=sums.band(1))
+            K.ln_bwd(y, dxn, mean, rstd, lnw, lnb, torch.float16, yb, sum_dy=True,
+                     part=sums.band(2))
+            s_do, s_dh, s_ln = sums.finish()
+            ref = torch.cat([dsum, db1, dw, db, ds])
+            got = torch.cat([s_do, s_dh, s_ln])
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4), (got - ref).abs().max()
+        try:
+            K.cast_colsum(do, torch.float16, part=torch.empty((1, C)))
+        except ValueError as e:
+            assert "rows >=" in str(e)
+        else:
+            raise AssertionError("a one-row band was accepted")
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_block_bwd_op_copies_aliasing_gradients_apart(monkeypatch):
+    """Eager backward may return small gradients as views of one reduced vector; the custom
+    op (what torch.compile calls) must not return aliasing outputs, so it copies them."""
+    from convnext_backbone.ops import block as fb
+
+    base = torch.arange(12.0)
+    grads = (torch.ones(2), base[:4], base[4:8], torch.zeros(3), base[8:])
+    monkeypatch.setattr(fb, "_block_bwd_impl", lambda *args: grads)
+    out = fb._block_bwd_op_impl()
+    ptrs = [t.untyped_storage().data_ptr() for t in out]
+    assert len(set(ptrs)) == len(out)
+    assert all(torch.equal(a, b) for a, b in zip(out, grads))
+    assert out[1] is grads[1] and out[0] is grads[0]  # the first user of a storage keeps it
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize("conv_impl,amp", [("cudnn", False), ("triton", False), ("cudnn", True),

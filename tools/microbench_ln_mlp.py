@@ -2,7 +2,7 @@
 (`ops._kernels.ln_mlp_residual`) against the unfused aten/cuBLAS sequence it replaces, at
 ConvNeXt-T's stage shapes, and sweeps its tile configurations (run on a GPU):
 
-    PYTHONPATH=. python tools/microbench_ln_mlp.py [--sweep] [--json OUT.json]
+    PYTHONPATH=. python tools/microbench_ln_mlp.py [--sweep] [--store-h] [--json OUT.json]
 
 Every configuration is checked against the unfused result (bf16, relative error <= 1e-2)
 before it is timed. Times are do_bench medians in ms; GB/s counts the bytes the fused
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--weights", nargs="+", default=["bf16"], choices=["fp32", "bf16"],
                     help="dtype of the weights the kernel reads (default bf16: what the fast "
                          "path passes it, cast beforehand with the conv taps in one launch)")
+    ap.add_argument("--store-h", action="store_true",
+                    help="sweep with the backward's saved tensors written (training)")
     args = ap.parse_args()
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")  # noqa: E731
     dt = torch.bfloat16
@@ -85,8 +87,8 @@ def main() -> None:
             w1, w2 = weights[wname]
             out.fill_(float("nan"))
             try:
-                K.ln_mlp_residual(y, dwb, x, lnw, lnb, 1e-6, w1, b1, w2, b2, gam, out, store_h=False,
-                                  config=cfg)
+                K.ln_mlp_residual(y, dwb, x, lnw, lnb, 1e-6, w1, b1, w2, b2, gam, out,
+                                  store_h=args.store_h, config=cfg)
             except Exception as e:  # noqa: BLE001 - an over-sized tile fails to compile: skip it
                 print("   skip", cfg, type(e).__name__, str(e)[:80])
                 continue
@@ -95,7 +97,7 @@ def main() -> None:
                 print("   WRONG", cfg, err)
                 continue
             t = bench(lambda: K.ln_mlp_residual(y, dwb, x, lnw, lnb, 1e-6, w1, b1, w2, b2, gam, out,
-                                                store_h=False, config=cfg))
+                                                store_h=args.store_h, config=cfg))
             results.append(dict(shape=label, P=P, C=C, config=cfg, weights=wname, ms=t, err=err))
             print("  ", cfg, wname, f"{t:.3f}")
             if best is None or t < best[0]:

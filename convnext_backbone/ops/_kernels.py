@@ -28,6 +28,8 @@ Accumulation is fp32 whatever the storage dtype.
   buffer (optionally the first scaled row-wise: gamma * W2 for the backward).
 - `layer_scale_grads`: pwconv2's weight and bias gradients and the layer scale's, from
   dout^T gelu(h) and dout's column sums, in one launch.
+- `ColumnSums`: one buffer for the partial column sums of a block's backward kernels
+  (`cast_colsum`, `gelu_bwd`, `ln_bwd`), reduced by one launch.
 - `ln_mlp_residual`: the rest of the block after the conv in one kernel, for bf16/fp16:
   LayerNorm -> pwconv1 (+bias) -> GELU -> pwconv2 (+bias) -> layer scale -> residual add.
   The 4C-wide hidden activation lives only in registers (stored once, pre-GELU, when the
@@ -38,7 +40,7 @@ an argument specialisation, later launches call the compiled kernel directly.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -48,11 +50,19 @@ from ._launch import direct_launch
 
 __all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
            "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add", "cast_params",
-           "layer_scale_grads"]
+           "layer_scale_grads", "ColumnSums"]
 
 
+# Host-side integer helpers in plain Python: in recent Triton (3.6, 3.8) `triton.cdiv` and
+# `triton.next_power_of_2` are constexpr-function objects whose calls unwrap their arguments
+# (about 2 us each against 0.03), and an eager training step makes hundreds of them.
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= max(n, 1)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @direct_launch
@@ -170,7 +180,7 @@ def _dwconv7_wgrad_kernel(dy_ptr, x_ptr, part_ptr, NH, H, W, C, rows_per_prog,
 @direct_launch
 @triton.jit
 def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dy_ptr,
-                   xn_ptr, part_ptr, P, C, tiles_per_prog,
+                   xn_ptr, part_ptr, part_stride, part_rows, P, C, tiles_per_prog,
                    HAS_YB: tl.constexpr, STORE_XN: tl.constexpr, SUM_DY: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -207,10 +217,18 @@ def _ln_bwd_kernel(y_ptr, yb_ptr, dxn_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr,
         db_acc += g
         if SUM_DY:  # the conv bias gradient, instead of another pass over dy
             dy_acc += tl.where(m, dy, 0.0)
-    tl.store(part_ptr + (pid * 3) * C + offs_c, tl.sum(dw_acc, axis=0), mask=cmask)
-    tl.store(part_ptr + (pid * 3 + 1) * C + offs_c, tl.sum(db_acc, axis=0), mask=cmask)
+    # This program's partial sums: [ln weight (C) | ln bias (C) | dy (C)] in its row.
+    row = part_ptr + pid * part_stride
+    tl.store(row + offs_c, tl.sum(dw_acc, axis=0), mask=cmask)
+    tl.store(row + C + offs_c, tl.sum(db_acc, axis=0), mask=cmask)
     if SUM_DY:
-        tl.store(part_ptr + (pid * 3 + 2) * C + offs_c, tl.sum(dy_acc, axis=0), mask=cmask)
+        tl.store(row + 2 * C + offs_c, tl.sum(dy_acc, axis=0), mask=cmask)
+    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(pid + tl.num_programs(0), part_rows, tl.num_programs(0)):
+        tl.store(part_ptr + r * part_stride + offs_c, zero, mask=cmask)
+        tl.store(part_ptr + r * part_stride + C + offs_c, zero, mask=cmask)
+        if SUM_DY:
+            tl.store(part_ptr + r * part_stride + 2 * C + offs_c, zero, mask=cmask)
 
 
 def _row_tile(P: int, C: int) -> Tuple[int, int, int]:
@@ -223,16 +241,39 @@ def _row_tile(P: int, C: int) -> Tuple[int, int, int]:
 def _row_programs(P: int, block_p: int, max_progs: int) -> Tuple[int, int]:
     """(programs, row tiles per program) for a persistent kernel over P rows in tiles of
     block_p, at most max_progs programs (at least one), every program with work."""
-    tiles = triton.cdiv(P, block_p)
+    tiles = _cdiv(P, block_p)
     progs = max(1, min(tiles, max_progs))
-    tiles_per_prog = max(1, triton.cdiv(tiles, progs))  # P == 0: one program, no rows
-    return max(1, triton.cdiv(tiles, tiles_per_prog)), tiles_per_prog
+    tiles_per_prog = max(1, _cdiv(tiles, progs))  # P == 0: one program, no rows
+    return max(1, _cdiv(tiles, tiles_per_prog)), tiles_per_prog
+
+
+def _rows_programs(P: int, C: int, device: torch.device) -> Tuple[int, int]:
+    """(programs, row tiles per program) of the persistent kernels over (P, C) rows."""
+    return _row_programs(P, _row_tile(P, C)[0], 4 * _num_sms(device))
+
+
+def _band_rows(part: torch.Tensor, progs: int) -> int:
+    """Rows of a partial-sum band written by `progs` programs (the rows past theirs are
+    zeroed by them: launching more programs, with no work, was measured 2x slower for
+    `gelu_bwd`, whose programs then no longer fit on the GPU at once)."""
+    if part.dim() != 2 or part.shape[0] < progs or part.dtype != torch.float32:
+        raise ValueError(f"partial sums need an fp32 (rows >= {progs}, width) band, got "
+                         f"{tuple(part.shape)} {part.dtype}")
+    return part.shape[0]
+
+
+_SM_COUNTS: dict = {}
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter), cached."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNTS.get(index)
+    if n is None:
+        n = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
 
 
 def _conv_tile(C: int, W: int, full_c: bool) -> Tuple[int, int, int]:
@@ -272,7 +313,7 @@ def dwconv7(src: torch.Tensor, weight_taps: torch.Tensor, bias: Optional[torch.T
     else:
         xn = mean = rstd = lnw = lnb = y
         eps = 0.0
-    grid = (N * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
+    grid = (N * H, _cdiv(W, block_w), _cdiv(C, block_c))
     _dwconv7_kernel[grid](src, weight_taps, bias if bias is not None else y,
                           residual if residual is not None else y, y, xn, lnw, lnb, mean, rstd,
                           H, W, C, eps, FLIP=flip, HAS_BIAS=bias is not None,
@@ -293,11 +334,11 @@ def dwconv7_wgrad(dy: torch.Tensor, x: torch.Tensor, N: int, H: int, W: int,
     """
     block_c = min(_pow2(C), 64 if C % 64 == 0 else 32)
     block_w = max(1, min(_pow2(W), 1024 // block_c))
-    cblocks = triton.cdiv(C, block_c)
+    cblocks = _cdiv(C, block_c)
     NH = N * H
     target = max(1, (8 * _num_sms(dy.device)) // (7 * cblocks))
-    rows_per_prog = triton.cdiv(NH, min(NH, target))
-    nchunks = triton.cdiv(NH, rows_per_prog)
+    rows_per_prog = _cdiv(NH, min(NH, target))
+    nchunks = _cdiv(NH, rows_per_prog)
     part = torch.empty((nchunks, 7, 8, C), device=dy.device, dtype=torch.float32)
     _dwconv7_wgrad_kernel[(7, nchunks, cblocks)](dy, x, part, NH, H, W, C, rows_per_prog,
                                                  BLOCK_W=block_w, BLOCK_C=block_c,
@@ -309,13 +350,14 @@ def dwconv7_wgrad(dy: torch.Tensor, x: torch.Tensor, N: int, H: int, W: int,
 def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
            lnw: torch.Tensor, lnb: torch.Tensor, dy_dtype: torch.dtype,
            y_bias: Optional[torch.Tensor] = None, rebuild_output: bool = True,
-           sum_dy: bool = False
-           ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor,
-                      Optional[torch.Tensor]]:
+           sum_dy: bool = False, part: Optional[torch.Tensor] = None
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                      Optional[torch.Tensor], Optional[torch.Tensor]]:
     """LayerNorm backward over C of (P, C) rows; returns (dy, xn, dweight, dbias, dy_sum):
     xn (the LayerNorm's output, rebuilt) only with `rebuild_output`, dy_sum (dy summed over
     rows, fp32: the gradient of a bias added before the LayerNorm) only with `sum_dy`,
-    else None.
+    else None. With `part` (a (rows, 3C) band of a `ColumnSums`), the three sums are left
+    there as partial sums and returned as None.
 
     Args:
         y: (P, C) the LayerNorm's input (plus `y_bias` (C,) when given: the conv bias that
@@ -325,24 +367,28 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
     """
     P, C = y.shape
     block_p, block_c, num_warps = _row_tile(P, C)
-    progs, tiles_per_prog = _row_programs(P, block_p, 4 * _num_sms(y.device))
+    progs, tiles_per_prog = _rows_programs(P, C, y.device)
     dy = torch.empty((P, C), device=y.device, dtype=dy_dtype)
     xn = torch.empty((P, C), device=y.device, dtype=y.dtype) if rebuild_output else dy
-    part = torch.empty((progs, 3, C), device=y.device, dtype=torch.float32)
-    _ln_bwd_kernel[(progs,)](y, y_bias if y_bias is not None else lnw, dxn, mean, rstd, lnw,
-                             lnb, dy, xn, part, P, C, tiles_per_prog,
-                             HAS_YB=y_bias is not None, STORE_XN=rebuild_output,
-                             SUM_DY=sum_dy, BLOCK_P=block_p, BLOCK_C=block_c,
-                             num_warps=num_warps)
+    own = part is None
+    if own:
+        part = torch.empty((progs, 3 * C), device=y.device, dtype=torch.float32)
+    _ln_bwd_kernel[(progs,)](
+        y, y_bias if y_bias is not None else lnw, dxn, mean, rstd, lnw, lnb, dy, xn, part,
+        part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog, HAS_YB=y_bias is not None,
+        STORE_XN=rebuild_output, SUM_DY=sum_dy, BLOCK_P=block_p, BLOCK_C=block_c,
+        num_warps=num_warps)
+    xn = xn if rebuild_output else None
+    if not own:
+        return dy, xn, None, None, None
     s = part.sum(0)
-    # clones: a custom op's outputs may not alias each other
-    return (dy, xn if rebuild_output else None, s[0].clone(), s[1].clone(),
-            s[2].clone() if sum_dy else None)
+    return dy, xn, s[:C], s[C:2 * C], s[2 * C:] if sum_dy else None
 
 
 @direct_launch
 @triton.jit
-def _cast_colsum_kernel(src_ptr, dst_ptr, part_ptr, P, C, tiles_per_prog,
+def _cast_colsum_kernel(src_ptr, dst_ptr, part_ptr, part_stride, part_rows, P, C,
+                        tiles_per_prog,
                         STORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
@@ -356,21 +402,30 @@ def _cast_colsum_kernel(src_ptr, dst_ptr, part_ptr, P, C, tiles_per_prog,
         if STORE:
             tl.store(dst_ptr + ptrs, v.to(dst_ptr.dtype.element_ty), mask=m)
         acc += v.to(tl.float32)
-    tl.store(part_ptr + pid * C + offs_c, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(part_ptr + pid * part_stride + offs_c, tl.sum(acc, axis=0), mask=cmask)
+    # Rows of a shared partial-sum buffer beyond this launch's programs: zero.
+    for r in range(pid + tl.num_programs(0), part_rows, tl.num_programs(0)):
+        tl.store(part_ptr + r * part_stride + offs_c, tl.zeros([BLOCK_C], dtype=tl.float32),
+                 mask=cmask)
 
 
-def cast_colsum(x: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def cast_colsum(x: torch.Tensor, dtype: torch.dtype, part: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x in `dtype`, x summed over rows in fp32) of (P, C) contiguous rows, in one pass
-    (x itself is returned when it already has that dtype)."""
+    (x itself is returned when it already has that dtype). With `part` (a (rows, C) band of
+    a `ColumnSums`), the sum is left there as partial sums and returned as None."""
     P, C = x.shape
     block_p, block_c, num_warps = _row_tile(P, C)
-    progs, tiles_per_prog = _row_programs(P, block_p, 4 * _num_sms(x.device))
+    progs, tiles_per_prog = _rows_programs(P, C, x.device)
     store = x.dtype != dtype
     out = torch.empty((P, C), device=x.device, dtype=dtype) if store else x
-    part = torch.empty((progs, C), device=x.device, dtype=torch.float32)
-    _cast_colsum_kernel[(progs,)](x, out, part, P, C, tiles_per_prog, STORE=store,
-                                  BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-    return out, part.sum(0)
+    own = part is None
+    if own:
+        part = torch.empty((progs, C), device=x.device, dtype=torch.float32)
+    _cast_colsum_kernel[(progs,)](
+        x, out, part, part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog, STORE=store, BLOCK_P=block_p,
+        BLOCK_C=block_c, num_warps=num_warps)
+    return out, (part.sum(0) if own else None)
 
 
 @triton.jit
@@ -517,7 +572,7 @@ def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
         rstd = torch.empty((P,), device=y.device, dtype=torch.float32)
     else:
         h = mean = rstd = y
-    grid = (triton.cdiv(P, block_m), triton.cdiv(C, out_w))
+    grid = (_cdiv(P, block_m), _cdiv(C, out_w))
     _ln_mlp_kernel[grid](y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out,
                          out_lp if out_lp is not None else out, h, mean, rstd, P, eps, C=C,
                          KC=kc, OUT_W=out_w, BLOCK_M=block_m, BLOCK_H=block_h,
@@ -549,14 +604,15 @@ def residual_scale_add(x: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor,
     dtype (the next block's conv input)."""
     P, C = x.shape
     block_p, block_c, num_warps = _row_tile(P, C)
-    _residual_kernel[(triton.cdiv(P, block_p),)](x, z, gamma, out, out_lp, P, C,
+    _residual_kernel[(_cdiv(P, block_p),)](x, z, gamma, out, out_lp, P, C,
                                                  BLOCK_P=block_p, BLOCK_C=block_c,
                                                  num_warps=num_warps)
 
 
 @direct_launch
 @triton.jit
-def _gelu_bwd_kernel(dg_ptr, h_ptr, dh_ptr, g_ptr, part_ptr, P, HID, tiles_per_prog,
+def _gelu_bwd_kernel(dg_ptr, h_ptr, dh_ptr, g_ptr, part_ptr, part_stride, part_rows, P, HID,
+                     tiles_per_prog,
                      BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -574,24 +630,72 @@ def _gelu_bwd_kernel(dg_ptr, h_ptr, dh_ptr, g_ptr, part_ptr, P, HID, tiles_per_p
         tl.store(dh_ptr + ptrs, dh, mask=m)
         tl.store(g_ptr + ptrs, (h * cdf).to(g_ptr.dtype.element_ty), mask=m)
         acc += tl.where(m, dh.to(tl.float32), 0.0)  # the bias gradient of the stored dh
-    tl.store(part_ptr + pid * HID + cols, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(part_ptr + pid * part_stride + cols, tl.sum(acc, axis=0), mask=cmask)
+    for r in range(pid + tl.num_programs(0), part_rows, tl.num_programs(0)):
+        tl.store(part_ptr + r * part_stride + cols, tl.zeros([BLOCK_H], dtype=tl.float32),
+                 mask=cmask)
 
 
-def gelu_bwd(dg: torch.Tensor, h: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh, gelu(h), dh.sum(0) in fp32) for the exact GELU, from (P, 4C) contiguous dg, h;
-    dh and gelu(h) in h's dtype."""
-    P, hid = h.shape
+def _gelu_tile(hid: int) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_H, column blocks) of `gelu_bwd` for a hidden width."""
     block_h = min(128, _pow2(hid))
-    block_p = max(1, 4096 // block_h)
-    hblocks = triton.cdiv(hid, block_h)
-    progs, tiles_per_prog = _row_programs(P, block_p, (8 * _num_sms(h.device)) // hblocks)
+    return max(1, 4096 // block_h), block_h, _cdiv(hid, block_h)
+
+
+def _gelu_programs(P: int, hid: int, device: torch.device) -> Tuple[int, int]:
+    block_p, _, hblocks = _gelu_tile(hid)
+    return _row_programs(P, block_p, (8 * _num_sms(device)) // hblocks)
+
+
+def gelu_bwd(dg: torch.Tensor, h: torch.Tensor, part: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(dh, gelu(h), dh.sum(0) in fp32) for the exact GELU, from (P, 4C) contiguous dg, h;
+    dh and gelu(h) in h's dtype. With `part` (a (rows, 4C) band of a `ColumnSums`), the sum
+    is left there as partial sums and returned as None."""
+    P, hid = h.shape
+    block_p, block_h, hblocks = _gelu_tile(hid)
+    progs, tiles_per_prog = _gelu_programs(P, hid, h.device)
     dh = torch.empty_like(h)
     g = torch.empty_like(h)
-    part = torch.empty((progs, hid), device=h.device, dtype=torch.float32)
-    _gelu_bwd_kernel[(progs, hblocks)](dg, h, dh, g, part, P, hid, tiles_per_prog,
-                                       BLOCK_P=block_p, BLOCK_H=block_h, num_warps=8)
-    return dh, g, part.sum(0)
+    own = part is None
+    if own:
+        part = torch.empty((progs, hid), device=h.device, dtype=torch.float32)
+    _gelu_bwd_kernel[(progs, hblocks)](
+        dg, h, dh, g, part, part.stride(0), _band_rows(part, progs), P, hid, tiles_per_prog, BLOCK_P=block_p,
+        BLOCK_H=block_h, num_warps=8)
+    return dh, g, (part.sum(0) if own else None)
+
+
+class ColumnSums:
+    """One fp32 buffer for the per-program partial column sums of several row kernels of
+    one backward pass (`cast_colsum`, `gelu_bwd`, `ln_bwd`), each writing its own band of
+    columns, so that one reduction launch finishes all of them instead of one each.
+
+    Args:
+        P: rows (pixels) the kernels run over. widths: the bands' widths, in order, e.g.
+            (C, 4C, 3C). device: where the buffer lives.
+    """
+
+    def __init__(self, P: int, widths: Tuple[int, ...], device: torch.device) -> None:
+        c = min(widths)
+        # As many rows as the kernel with the most programs launches; the others zero the
+        # rows they do not reach.
+        rows = max(_rows_programs(P, c, device)[0], _gelu_programs(P, 4 * c, device)[0])
+        self._buf = torch.empty((rows, sum(widths)), device=device, dtype=torch.float32)
+        self._bounds, start = [], 0
+        for w in widths:
+            self._bounds.append((start, start + w))
+            start += w
+
+    def band(self, k: int) -> torch.Tensor:
+        """The (rows, widths[k]) band a kernel writes its partial sums into."""
+        a, b = self._bounds[k]
+        return self._buf[:, a:b]
+
+    def finish(self) -> List[torch.Tensor]:
+        """The column sums of every band (views of one reduced vector)."""
+        s = self._buf.sum(0)
+        return [s[a:b] for a, b in self._bounds]
 
 
 @direct_launch
@@ -634,7 +738,7 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
         rstd = torch.empty((P,), device=x.device, dtype=torch.float32)
     else:
         mean = rstd = out
-    _ln_fwd_kernel[(triton.cdiv(P, block_p),)](x, x_bias if x_bias is not None else weight,
+    _ln_fwd_kernel[(_cdiv(P, block_p),)](x, x_bias if x_bias is not None else weight,
                                                weight, bias, out, mean, rstd, P, C, eps,
                                                HAS_X_BIAS=x_bias is not None,
                                                STORE_STATS=store_stats, BLOCK_P=block_p,
@@ -644,9 +748,13 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 
 
 @triton.jit
-def _cast_slot(src_ptr, dst_ptr, n, offs, scale_ptr, row_len, SCALED: tl.constexpr):
+def _cast_slot(src_ptr, dst_ptr, n, offs, scale_ptr, row_len, SCALED: tl.constexpr,
+               REVERSED: tl.constexpr, REV_LEN: tl.constexpr):
     m = offs < n
-    v = tl.load(src_ptr + offs, mask=m, other=0.0)
+    src = offs
+    if REVERSED:  # each row of REV_LEN elements read back to front (mirrored conv taps)
+        src = offs - offs % REV_LEN + (REV_LEN - 1 - offs % REV_LEN)
+    v = tl.load(src_ptr + src, mask=m, other=0.0)
     if SCALED:  # times a per-row factor, in fp32 (rows of row_len elements)
         v = v.to(tl.float32) * tl.load(scale_ptr + offs // row_len, mask=m, other=0.0).to(tl.float32)
     tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=m)
@@ -655,32 +763,39 @@ def _cast_slot(src_ptr, dst_ptr, n, offs, scale_ptr, row_len, SCALED: tl.constex
 @direct_launch
 @triton.jit
 def _cast_params_kernel(s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3, s4, d4, n4,
-                        scale_ptr, row_len, SCALE0: tl.constexpr, BLOCK: tl.constexpr):
+                        scale_ptr, row_len, SCALE0: tl.constexpr, REV_SLOT: tl.constexpr,
+                        REV_LEN: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.program_id(1)
     if slot == 0:
-        _cast_slot(s0, d0, n0, offs, scale_ptr, row_len, SCALE0)
+        _cast_slot(s0, d0, n0, offs, scale_ptr, row_len, SCALE0, REV_SLOT == 0, REV_LEN)
     elif slot == 1:
-        _cast_slot(s1, d1, n1, offs, scale_ptr, row_len, False)
+        _cast_slot(s1, d1, n1, offs, scale_ptr, row_len, False, REV_SLOT == 1, REV_LEN)
     elif slot == 2:
-        _cast_slot(s2, d2, n2, offs, scale_ptr, row_len, False)
+        _cast_slot(s2, d2, n2, offs, scale_ptr, row_len, False, REV_SLOT == 2, REV_LEN)
     elif slot == 3:
-        _cast_slot(s3, d3, n3, offs, scale_ptr, row_len, False)
+        _cast_slot(s3, d3, n3, offs, scale_ptr, row_len, False, REV_SLOT == 3, REV_LEN)
     else:
-        _cast_slot(s4, d4, n4, offs, scale_ptr, row_len, False)
+        _cast_slot(s4, d4, n4, offs, scale_ptr, row_len, False, REV_SLOT == 4, REV_LEN)
 
 
 _CAST_SLOTS = 5
 
 
-def cast_params(tensors, dtype: torch.dtype, row_scale: Optional[torch.Tensor] = None):
+def cast_params(tensors, dtype: torch.dtype, row_scale: Optional[torch.Tensor] = None,
+                reverse_last: int = 0):
     """The (contiguous) `tensors`, at most 5, in `dtype`, cast by one kernel launch into one
     buffer instead of one `.to` (a launch and an allocation) each: the block's weights under
     autocast. Tensors already in `dtype` are returned as they are. With `row_scale` (R,), the
-    first tensor, (R, K), is multiplied row-wise by it (in fp32) before rounding."""
+    first tensor, (R, K), is multiplied row-wise by it (in fp32) before rounding. With
+    `reverse_last` = L, the last tensor's rows of L elements come out reversed (for conv
+    taps (C, 1, 7, 7) and L = 49: `flip(2, 3)`), whatever its dtype."""
     if len(tensors) > _CAST_SLOTS:
         raise ValueError(f"cast_params takes at most {_CAST_SLOTS} tensors, got {len(tensors)}")
-    todo = [i for i, t in enumerate(tensors) if t.dtype != dtype or (i == 0 and row_scale is not None)]
+    last = len(tensors) - 1
+    todo = [i for i, t in enumerate(tensors)
+            if t.dtype != dtype or (i == 0 and row_scale is not None)
+            or (i == last and reverse_last)]
     out = list(tensors)
     if not todo:
         return out
@@ -690,7 +805,7 @@ def cast_params(tensors, dtype: torch.dtype, row_scale: Optional[torch.Tensor] =
     starts, total = [], 0
     for n in sizes:
         starts.append(total)
-        total += triton.cdiv(n, align) * align
+        total += _cdiv(n, align) * align
     flat = torch.empty((total,), device=tensors[todo[0]].device, dtype=dtype)
     slots = []
     for i, start, n in zip(todo, starts, sizes):
@@ -701,9 +816,10 @@ def cast_params(tensors, dtype: torch.dtype, row_scale: Optional[torch.Tensor] =
         slots += [flat, flat, 0]
     scaled = row_scale is not None
     block = 2048
-    _cast_params_kernel[(triton.cdiv(max(sizes), block), _CAST_SLOTS)](
+    _cast_params_kernel[(_cdiv(max(sizes), block), _CAST_SLOTS)](
         *slots, row_scale if scaled else flat, tensors[0].shape[-1] if scaled else 1,
-        SCALE0=scaled, BLOCK=block, num_warps=4)
+        SCALE0=scaled, REV_SLOT=len(todo) - 1 if reverse_last else -1,
+        REV_LEN=max(1, reverse_last), BLOCK=block, num_warps=4)
     return out
 
 

@@ -65,11 +65,17 @@ def _hook_active(hook: Any) -> bool:
     return calls is None or len(calls) > 0
 
 
-def _hooks_set() -> bool:
-    from triton import knobs
+_RUNTIME_KNOBS: Any = None  # triton.knobs.runtime, looked up once (checked on every launch)
 
-    return (_hook_active(knobs.runtime.launch_enter_hook)
-            or _hook_active(knobs.runtime.launch_exit_hook))
+
+def _hooks_set() -> bool:
+    global _RUNTIME_KNOBS
+    if _RUNTIME_KNOBS is None:
+        from triton import knobs
+
+        _RUNTIME_KNOBS = knobs.runtime
+    return (_hook_active(_RUNTIME_KNOBS.launch_enter_hook)
+            or _hook_active(_RUNTIME_KNOBS.launch_exit_hook))
 
 
 _I32 = (-2**31, 2**31)

@@ -17,7 +17,9 @@ Saved for backward: the conv input (x, or its bf16 copy with cuDNN under autocas
 mean, rstd. Backward: GELU backward in Triton (also giving gelu(h) and pwconv1's bias
 gradient in the same pass), LayerNorm backward in Triton (rebuilding xn and, with cuDNN,
 summing the conv bias gradient), the conv's gradients with cuDNN (`CONVNEXT_DWCONV=cudnn`,
-default; the input gradient as a forward conv with mirrored taps) or Triton (`=triton`). Not saved:
+default; the input gradient as a forward conv with mirrored taps, mirrored by the launch
+that casts the weights) or Triton (`=triton`). The backward kernels' column sums (dout's,
+dh's, the LayerNorm's) share one buffer and one reduction launch (`_kernels.ColumnSums`). Not saved:
 xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's gradient
 is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product that
 W2's gradient needs anyway). No matmul is recomputed.
@@ -28,6 +30,7 @@ dtype, promote(x, gamma, compute dtype).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -226,37 +229,45 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         do = _nhwc(dout)
         if not do.is_contiguous():
             do = do.contiguous()
-        do_c, dsum = _kernels.cast_colsum(do, cdt)  # dsum: for b2's and gamma's gradients
-        # gamma * W2 (the layer scale folded into pwconv2), W1 and the conv taps in the
-        # compute dtype: one launch.
-        cast = (w2, w1) + ((dw_weight,) if conv_impl == CONV_CUDNN else ())
-        w2g, w1c, *rest = _kernels.cast_params(cast, cdt, row_scale=gamma)
+        cudnn = conv_impl == CONV_CUDNN
+        # The column sums (dout's: b2's and gamma's gradients; dh's: b1's; the LayerNorm's
+        # weight, bias and input gradients') are reduced by one launch at the end.
+        sums = _kernels.ColumnSums(p, (c, 4 * c, 3 * c if cudnn else 2 * c), x.device)
+        do_c, _ = _kernels.cast_colsum(do, cdt, part=sums.band(0))
+        # gamma * W2 (the layer scale folded into pwconv2), W1 and, for cuDNN, the conv taps
+        # mirrored (the input gradient's taps) in the compute dtype: one launch.
+        cast = (w2, w1) + ((dw_weight,) if cudnn else ())
+        w2g, w1c, *rest = _kernels.cast_params(cast, cdt, row_scale=gamma,
+                                               reverse_last=49 if cudnn else 0)
         dg = torch.mm(do_c, w2g)  # (P, 4C)
-        dh, g, db1 = _kernels.gelu_bwd(dg, h)  # one pass: GELU', GELU and pwconv1's bias grad
+        dh, g, _ = _kernels.gelu_bwd(dg, h, part=sums.band(1))  # also GELU(h) and b1's sums
         del dg
         # pwconv2 and layer scale: one product dout^T gelu(h) serves W2 and gamma.
         m = torch.mm(do_c.t(), g)  # (C, 4C)
         del g
-        dw2, db2, dgamma = _kernels.layer_scale_grads(m, w2, gamma, b2, dsum)
-        del m
         dxn = torch.mm(dh, w1c)  # (P, C)
         y_bias = dw_bias if _y_lacks_conv_bias(c, cdt, conv_impl) else None
         # With cuDNN, the conv bias gradient (sum of dy) comes from the LayerNorm kernel.
-        dy, xn, dlnw, dlnb, dy_sum = _kernels.ln_bwd(y, dxn, mean, rstd, ln_weight, ln_bias, cdt,
-                                                     y_bias, sum_dy=conv_impl == CONV_CUDNN)
+        dy, xn, _, _, _ = _kernels.ln_bwd(y, dxn, mean, rstd, ln_weight, ln_bias, cdt, y_bias,
+                                          sum_dy=cudnn, part=sums.band(2))
         del dxn
+        dsum, db1, ln_sums = sums.finish()
+        dlnw, dlnb, dy_sum = ln_sums[:c], ln_sums[c:2 * c], ln_sums[2 * c:]
+        dw2, db2, dgamma = _kernels.layer_scale_grads(m, w2, gamma, b2, dsum)
+        del m
         dw1 = torch.mm(dh.t(), xn).float()
         del dh, xn
-        if conv_impl == CONV_CUDNN:
+        if cudnn:
             xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
             dy4 = dy.view(n, hh, ww, c).permute(0, 3, 1, 2)
-            wc = rest[0]
+            wc_mirrored = rest[0]
             # The input gradient of a stride-1 depthwise conv is the forward conv of dy with
             # the taps mirrored: cuDNN's forward kernel does it 2.5x faster than its dgrad
             # (H100, bf16, 32x96x128x128: 0.34 vs 0.87 ms; tools/microbench_kernels.py).
-            dxc = _depthwise_conv7(dy4, wc.flip(2, 3))
+            dxc = _depthwise_conv7(dy4, wc_mirrored)
+            # The weight gradient reads only dy and x; the weight gives its shape and dtype.
             _, ddw, _ = torch.ops.aten.convolution_backward(
-                dy4, xc, wc, [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c,
+                dy4, xc, wc_mirrored, [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c,
                 [False, True, False])
             dx = _empty_nchw_channels_last(x, (n, c, hh, ww), dx_dtype)
             torch.add(dout, dxc, out=dx)
@@ -277,7 +288,19 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
             db2.to(b2.dtype), dgamma.to(gamma.dtype))
 
 
-block_bwd = torch.library.custom_op("convnext_backbone::block_bwd", _block_bwd_impl,
+@functools.wraps(_block_bwd_impl)  # the op's schema comes from this signature
+def _block_bwd_op_impl(*args):
+    # A custom op's outputs may not alias each other; in eager mode the gradients may (the
+    # small fp32 ones are views of one reduced vector), so the op copies them apart.
+    seen, grads = set(), []
+    for t in _block_bwd_impl(*args):
+        ptr = t.untyped_storage().data_ptr()
+        grads.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return tuple(grads)
+
+
+block_bwd = torch.library.custom_op("convnext_backbone::block_bwd", _block_bwd_op_impl,
                                     mutates_args=())
 
 
