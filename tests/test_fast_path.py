@@ -405,8 +405,8 @@ def test_cast_params_scales_and_mirrors_in_triton_interpreter():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_column_sums_bands_equal_separate_sums_in_triton_interpreter():
     """The backward's three row kernels write their partial column sums into bands of one
-    `ColumnSums` buffer (more programs than some of them need: those write zeros); the one
-    reduction equals each kernel's own sums. A band too small for a kernel is refused."""
+    `ColumnSums` buffer (a kernel with fewer programs than the buffer has rows zeroes the
+    rest); the one reduction equals each kernel's own sums. A band too small is refused."""
     out = _run_in_interpreter("""
         import torch
         from convnext_backbone.ops import _kernels as K
@@ -421,7 +421,7 @@ def test_column_sums_bands_equal_separate_sums_in_triton_interpreter():
             _, _, db1 = K.gelu_bwd(dg, h)
             _, _, dw, db, ds = K.ln_bwd(y, dxn, mean, rstd, lnw, lnb, torch.float16, yb,
                                         sum_dy=True)
-            sums = K.ColumnSums(P, (C, 4 * C, 3 * C), do.device)
+            sums = K.ColumnSums(P, C, (C, 4 * C, 3 * C), do.device)
             sums._buf.fill_(float("nan"))  # rows no program writes would show
             K.cast_colsum(do, torch.float16, part=sums.band(0))
             K.gelu_bwd(dg, h, part=sums.band(1))

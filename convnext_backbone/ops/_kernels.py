@@ -375,9 +375,9 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
         part = torch.empty((progs, 3 * C), device=y.device, dtype=torch.float32)
     _ln_bwd_kernel[(progs,)](
         y, y_bias if y_bias is not None else lnw, dxn, mean, rstd, lnw, lnb, dy, xn, part,
-        part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog, HAS_YB=y_bias is not None,
-        STORE_XN=rebuild_output, SUM_DY=sum_dy, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=num_warps)
+        part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog,
+        HAS_YB=y_bias is not None, STORE_XN=rebuild_output, SUM_DY=sum_dy, BLOCK_P=block_p,
+        BLOCK_C=block_c, num_warps=num_warps)
     xn = xn if rebuild_output else None
     if not own:
         return dy, xn, None, None, None
@@ -423,8 +423,8 @@ def cast_colsum(x: torch.Tensor, dtype: torch.dtype, part: Optional[torch.Tensor
     if own:
         part = torch.empty((progs, C), device=x.device, dtype=torch.float32)
     _cast_colsum_kernel[(progs,)](
-        x, out, part, part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog, STORE=store, BLOCK_P=block_p,
-        BLOCK_C=block_c, num_warps=num_warps)
+        x, out, part, part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog,
+        STORE=store, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     return out, (part.sum(0) if own else None)
 
 
@@ -604,9 +604,8 @@ def residual_scale_add(x: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor,
     dtype (the next block's conv input)."""
     P, C = x.shape
     block_p, block_c, num_warps = _row_tile(P, C)
-    _residual_kernel[(_cdiv(P, block_p),)](x, z, gamma, out, out_lp, P, C,
-                                                 BLOCK_P=block_p, BLOCK_C=block_c,
-                                                 num_warps=num_warps)
+    _residual_kernel[(_cdiv(P, block_p),)](x, z, gamma, out, out_lp, P, C, BLOCK_P=block_p,
+                                           BLOCK_C=block_c, num_warps=num_warps)
 
 
 @direct_launch
@@ -661,8 +660,8 @@ def gelu_bwd(dg: torch.Tensor, h: torch.Tensor, part: Optional[torch.Tensor] = N
     if own:
         part = torch.empty((progs, hid), device=h.device, dtype=torch.float32)
     _gelu_bwd_kernel[(progs, hblocks)](
-        dg, h, dh, g, part, part.stride(0), _band_rows(part, progs), P, hid, tiles_per_prog, BLOCK_P=block_p,
-        BLOCK_H=block_h, num_warps=8)
+        dg, h, dh, g, part, part.stride(0), _band_rows(part, progs), P, hid, tiles_per_prog,
+        BLOCK_P=block_p, BLOCK_H=block_h, num_warps=8)
     return dh, g, (part.sum(0) if own else None)
 
 
@@ -672,15 +671,14 @@ class ColumnSums:
     columns, so that one reduction launch finishes all of them instead of one each.
 
     Args:
-        P: rows (pixels) the kernels run over. widths: the bands' widths, in order, e.g.
-            (C, 4C, 3C). device: where the buffer lives.
+        P, C: the block's pixels and channels (the kernels run over (P, C) and (P, 4C)).
+        widths: the bands' widths, in order, e.g. (C, 4C, 3C). device: where it lives.
     """
 
-    def __init__(self, P: int, widths: Tuple[int, ...], device: torch.device) -> None:
-        c = min(widths)
+    def __init__(self, P: int, C: int, widths: Tuple[int, ...], device: torch.device) -> None:
         # As many rows as the kernel with the most programs launches; the others zero the
         # rows they do not reach.
-        rows = max(_rows_programs(P, c, device)[0], _gelu_programs(P, 4 * c, device)[0])
+        rows = max(_rows_programs(P, C, device)[0], _gelu_programs(P, 4 * C, device)[0])
         self._buf = torch.empty((rows, sum(widths)), device=device, dtype=torch.float32)
         self._bounds, start = [], 0
         for w in widths:
@@ -739,11 +737,9 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     else:
         mean = rstd = out
     _ln_fwd_kernel[(_cdiv(P, block_p),)](x, x_bias if x_bias is not None else weight,
-                                               weight, bias, out, mean, rstd, P, C, eps,
-                                               HAS_X_BIAS=x_bias is not None,
-                                               STORE_STATS=store_stats, BLOCK_P=block_p,
-                                               BLOCK_C=block_c,
-                                               num_warps=num_warps)
+                                         weight, bias, out, mean, rstd, P, C, eps,
+                                         HAS_X_BIAS=x_bias is not None, STORE_STATS=store_stats,
+                                         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     return (out, mean, rstd) if store_stats else (out, None, None)
 
 
@@ -756,7 +752,8 @@ def _cast_slot(src_ptr, dst_ptr, n, offs, scale_ptr, row_len, SCALED: tl.constex
         src = offs - offs % REV_LEN + (REV_LEN - 1 - offs % REV_LEN)
     v = tl.load(src_ptr + src, mask=m, other=0.0)
     if SCALED:  # times a per-row factor, in fp32 (rows of row_len elements)
-        v = v.to(tl.float32) * tl.load(scale_ptr + offs // row_len, mask=m, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + offs // row_len, mask=m, other=0.0)
+        v = v.to(tl.float32) * scale.to(tl.float32)
     tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=m)
 
 

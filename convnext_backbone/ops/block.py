@@ -19,10 +19,10 @@ gradient in the same pass), LayerNorm backward in Triton (rebuilding xn and, wit
 summing the conv bias gradient), the conv's gradients with cuDNN (`CONVNEXT_DWCONV=cudnn`,
 default; the input gradient as a forward conv with mirrored taps, mirrored by the launch
 that casts the weights) or Triton (`=triton`). The backward kernels' column sums (dout's,
-dh's, the LayerNorm's) share one buffer and one reduction launch (`_kernels.ColumnSums`). Not saved:
-xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's gradient
-is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product that
-W2's gradient needs anyway). No matmul is recomputed.
+dh's, the LayerNorm's) share one buffer and one reduction launch (`_kernels.ColumnSums`).
+Not saved: xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's
+gradient is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product
+that W2's gradient needs anyway). No matmul is recomputed.
 
 Compute dtype: the autocast dtype when autocast is on (as the reference path's Linear
 layers), else the input's dtype; the output (the residual stream) has the reference's
@@ -232,7 +232,7 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         cudnn = conv_impl == CONV_CUDNN
         # The column sums (dout's: b2's and gamma's gradients; dh's: b1's; the LayerNorm's
         # weight, bias and input gradients') are reduced by one launch at the end.
-        sums = _kernels.ColumnSums(p, (c, 4 * c, 3 * c if cudnn else 2 * c), x.device)
+        sums = _kernels.ColumnSums(p, c, (c, 4 * c, 3 * c if cudnn else 2 * c), x.device)
         do_c, _ = _kernels.cast_colsum(do, cdt, part=sums.band(0))
         # gamma * W2 (the layer scale folded into pwconv2), W1 and, for cuDNN, the conv taps
         # mirrored (the input gradient's taps) in the compute dtype: one launch.
