@@ -13,11 +13,17 @@
    temporary file in the same folder and `os.replace` it over the target.
 
 `setup_mmengine()` does both; `convnext_backbone.mmseg` and `tools/train.py` call it.
+
+What `tools/train.py` and `tools/test.py` share is here too: their runner arguments
+(`add_runner_args`, `finish_runner_args`), loading a config with them (`load_config`), and
+DDP on machines without a GPU (`prepare_cpu_distributed`, `destroy_process_group`).
 """
 from __future__ import annotations
 
+import argparse
 import builtins
 import os
+import os.path as osp
 import pickle
 import re
 from typing import Any, List, Optional, Tuple, Union
@@ -25,7 +31,9 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 
 __all__ = ["safe_globals", "enable_safe_resume", "enable_atomic_checkpoints",
-           "skip_pretrained_files", "setup_mmengine", "restricted_getattr", "latest_checkpoint"]
+           "skip_pretrained_files", "setup_mmengine", "restricted_getattr", "latest_checkpoint",
+           "add_runner_args", "finish_runner_args", "load_config", "prepare_cpu_distributed",
+           "destroy_process_group"]
 
 # (owner, attribute) pairs `restricted_getattr` may resolve: HistoryBuffer's default
 # statistics methods, which its __getstate__ pickles by reference.
@@ -163,3 +171,72 @@ def skip_pretrained_files(cfg: Any) -> None:
         model["backbone"]["init_cfg"] = None
     if "checkpoint" in model:
         model["checkpoint"] = None
+
+
+def add_runner_args(parser: argparse.ArgumentParser) -> None:
+    """The options every runner tool takes: --work-dir, --cfg-options, --launcher and the
+    --local-rank that torch.distributed.launch passes."""
+    from mmengine.config import DictAction
+
+    parser.add_argument("--work-dir", help="where logs and checkpoints go "
+                        "(default: ./work_dirs/CONFIG_NAME)")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
+                        help="override config entries, e.g. train_cfg.max_iters=1000")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+
+
+def finish_runner_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Exports --local-rank as LOCAL_RANK where the launcher did not set it."""
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    return args
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    """`args.config` read (importing its `custom_imports`) with the runner options applied:
+    the launcher, --cfg-options, and the work dir (default ./work_dirs/CONFIG_NAME)."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir", None) is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def prepare_cpu_distributed(cfg: Any, launcher: str) -> None:
+    """Makes DDP work where there is no GPU: gloo backend, no device_ids.
+
+    mmengine's `init_dist` calls `torch.cuda.set_device` and its default DDP wrapper passes
+    `device_ids=[LOCAL_RANK]`, both of which fail on CPU; so the process group is created
+    here (mmengine then skips its own) and the wrapper gets `device_ids=None`.
+    """
+    if launcher == "none" or torch.cuda.is_available():
+        return
+    import torch.distributed as dist
+
+    cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
+    if launcher == "pytorch" and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    wrapper = dict(cfg.get("model_wrapper_cfg") or {})
+    wrapper.setdefault("type", "MMDistributedDataParallel")
+    wrapper.setdefault("broadcast_buffers", False)
+    wrapper.setdefault("find_unused_parameters", cfg.get("find_unused_parameters", False))
+    wrapper["device_ids"] = None
+    cfg.model_wrapper_cfg = wrapper
+
+
+def destroy_process_group() -> None:
+    """Tears the process group down before exit; without it gloo ranks can abort at exit
+    ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

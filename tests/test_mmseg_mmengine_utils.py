@@ -120,3 +120,35 @@ def test_latest_checkpoint_does_not_trust_a_lagging_pointer(tmp_path):
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "iter_8.pth"))
     (tmp_path / "best_mIoU_iter_20.pth").write_bytes(b"x")  # not a resume point
     assert latest_checkpoint(tmp_path) == str(tmp_path / "iter_12.pth")
+
+
+def test_runner_args_and_config_loading_shared_by_the_tools(tmp_path, monkeypatch):
+    """tools/train.py and tools/test.py parse the same runner options and load configs the
+    same way: --cfg-options merged, the work dir given or ./work_dirs/CONFIG_NAME, the
+    launcher recorded, --local-rank exported as LOCAL_RANK only where it is unset."""
+    import argparse
+
+    from convnext_backbone.mmengine_utils import (add_runner_args, finish_runner_args,
+                                                  load_config)
+
+    cfg_file = tmp_path / "my_exp.py"
+    cfg_file.write_text("train_cfg = dict(max_iters=10)\nwork_dir = None\n")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    add_runner_args(parser)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = finish_runner_args(parser.parse_args(
+        [str(cfg_file), "--cfg-options", "train_cfg.max_iters=3", "--local-rank", "2"]))
+    assert os.environ["LOCAL_RANK"] == "2"
+    cfg = load_config(args)
+    assert cfg.train_cfg.max_iters == 3 and cfg.launcher == "none"
+    assert cfg.work_dir == os.path.join("./work_dirs", "my_exp")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun's value wins over --local-rank
+    args = finish_runner_args(parser.parse_args(
+        [str(cfg_file), "--work-dir", str(tmp_path / "w"), "--launcher", "pytorch",
+         "--local-rank", "5"]))
+    assert os.environ["LOCAL_RANK"] == "0"
+    cfg = load_config(args)
+    assert cfg.work_dir == str(tmp_path / "w") and cfg.launcher == "pytorch"
+    with pytest.raises(SystemExit):  # argparse names the valid launchers
+        parser.parse_args([str(cfg_file), "--launcher", "k8s"])
