@@ -370,9 +370,10 @@ def test_direct_launch_matches_installed_triton():
     assert subprocess.run([sys.executable, "-c", code], env=off, cwd=ROOT).returncode == 1
 
 
-def _run_in_interpreter(code: str) -> str:
-    """Runs `code` in a subprocess with Triton's CPU interpreter; returns its stdout."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+def _run_in_interpreter(code: str, **env_vars: str) -> str:
+    """Runs `code` in a subprocess with Triton's CPU interpreter (and `env_vars` set);
+    returns its stdout."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, **env_vars)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -468,7 +469,7 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
     and fp16 autocast (<= 1e-2), where blocks of width <= 256 run the fused
     LayerNorm-MLP-residual kernel (the interpreter has no bf16 matrix product) and the
     320-wide stage the unfused sequence. Inference (no autograd) is checked too."""
-    code = textwrap.dedent("""
+    code = """
         import os, torch
         from convnext_backbone import ConvNextBackbone, ConvNextConfig, ops
         from convnext_backbone.ops import _kernels
@@ -552,14 +553,10 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
                     mid.__dict__[attr] = (copy * 2, mid._version)
                     mid.mul_(1.0)
                     assert torch.equal(stage[1](mid), ref)
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT, CONVNEXT_DWCONV=conv_impl,
-               CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS="0",
-               AMP="1" if amp else "0")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "ERR" in proc.stdout
+    """
+    out = _run_in_interpreter(code, CONVNEXT_DWCONV=conv_impl,
+                              CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS="0", AMP="1" if amp else "0")
+    assert "ERR" in out
 
 
 # ----------------------------------------------------------------------------- GPU
