@@ -403,6 +403,60 @@ def test_cast_params_scales_and_mirrors_in_triton_interpreter():
     assert "OK" in out
 
 
+def check_ln_mlp(P: int, C: int, device: str, dtype: torch.dtype, tol: float) -> None:
+    """`_kernels.ln_mlp_residual` at (P, C) against an fp32 reference that rounds where the
+    unfused path rounds: out, its compute-dtype copy, and the saved h, mean, rstd; rows past
+    P stay untouched; the inference launch (nothing saved) matches too. Imported by the
+    interpreter test's subprocess."""
+    import torch.nn.functional as F
+
+    from convnext_backbone.ops import _kernels as K
+
+    g = torch.Generator(device="cpu").manual_seed(P + C)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device)  # noqa: E731
+    y = r(P, C).to(dtype)
+    yb, lnw, lnb = r(C, scale=0.1), 1 + r(C, scale=0.1), r(C, scale=0.1)
+    w1, b1 = r(4 * C, C, scale=C ** -0.5).to(dtype), r(4 * C, scale=0.1)
+    w2, b2 = r(C, 4 * C, scale=(4 * C) ** -0.5).to(dtype), r(C, scale=0.1)
+    gam, x = r(C), r(P, C)
+    xn, mean_r, rstd_r = torch.native_layer_norm(y.float() + yb, [C], lnw, lnb, 1e-6)
+    h_r = (xn.to(dtype).float() @ w1.float().t() + b1).to(dtype)
+    z = (F.gelu(h_r.float()).to(dtype).float() @ w2.float().t() + b2).to(dtype).float()
+    ref = x + gam * z
+    buf = torch.full((P + 8, C), float("nan"), device=device)
+    lp = torch.empty(P, C, dtype=dtype, device=device)
+    h, mean, rstd = K.ln_mlp_residual(y, yb, x, lnw, lnb, 1e-6, w1, b1, w2, b2, gam, buf[:P],
+                                      store_h=True, out_lp=lp)
+    assert buf[P:].isnan().all()
+    inf = torch.empty(P, C, device=device)
+    assert K.ln_mlp_residual(y, yb, x, lnw, lnb, 1e-6, w1, b1, w2, b2, gam, inf,
+                             store_h=False) is None
+    errs = [_rel(buf[:P], ref), _rel(lp.float(), ref), _rel(h.float(), h_r.float()),
+            _rel(mean, mean_r.flatten()), _rel(rstd, rstd_r.flatten()), _rel(inf, ref)]
+    assert max(errs) < tol, (P, C, errs)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_ln_mlp_output_parts_in_triton_interpreter():
+    """The fused LN-MLP kernel splits its output columns into a power of two and a rest
+    (48 = 32 + 16; 112 = 64 + a 48-wide part padded to 64 and masked; 64 alone), and
+    builds the LayerNorm output once per tile (`check_ln_mlp`, fp16, tiles ending inside
+    the pixels included)."""
+    out = _run_in_interpreter("""
+        import sys
+        import torch
+        from convnext_backbone.ops import _kernels as K
+        sys.path.insert(0, "tests")  # (another installed package may be called "tests")
+        from test_fast_path import check_ln_mlp
+        assert [K._out_parts(c) for c in (48, 112, 64, 96, 192)] == [
+            (32, 16), (64, 64), (64, 0), (64, 32), (128, 64)]
+        for P, C in [(70, 48), (64, 112), (33, 64)]:
+            check_ln_mlp(P, C, "cpu", torch.float16, 2e-3)
+        print("OK")
+    """)
+    assert "OK" in out
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_column_sums_bands_equal_separate_sums_in_triton_interpreter():
     """The backward's three row kernels write their partial column sums into bands of one
@@ -666,6 +720,14 @@ def test_gpu_odd_sizes_and_wide_channels():
         assert _rel(res[True][1], res[False][1]) <= 1e-4
         for n in res[False][2]:
             assert _rel(res[True][2][n], res[False][2][n]) <= 1e-4, (c, h, w, n)
+
+
+@gpu
+@pytest.mark.parametrize("C", [96, 112, 128, 192, 256])
+def test_gpu_ln_mlp_kernel_matches_reference(C):
+    """The compiled fused LN-MLP kernel (bf16, Hopper MMA) at ConvNeXt-T/B's widths and one
+    whose output rest is padded and masked (112 = 64 + 48): `check_ln_mlp`, <= 1e-2."""
+    check_ln_mlp(1000, C, "cuda", torch.bfloat16, 1e-2)
 
 
 @gpu

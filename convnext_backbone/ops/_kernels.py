@@ -440,19 +440,50 @@ def _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, ck, C: tl.constexpr):
     return yk.to(tl.float32) + tl.load(yb_ptr + ck).to(tl.float32)[None, :]
 
 
+@triton.jit
+def _ln_chunk(y_ptr, yb_ptr, lnw_ptr, lnb_ptr, rows, rmask, mean, rstd, c0: tl.constexpr,
+              KC: tl.constexpr, C: tl.constexpr, cdt: tl.constexpr):
+    """(rows, KC) tile of the LayerNorm output, columns c0.., in the compute dtype."""
+    ck = c0 + tl.arange(0, KC)
+    yk = _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, ck, C)
+    lw = tl.load(lnw_ptr + ck).to(tl.float32)
+    lb = tl.load(lnb_ptr + ck).to(tl.float32)
+    return ((yk - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(cdt)
+
+
+@triton.jit
+def _residual_out(acc, b2_ptr, gam_ptr, x_ptr, out_ptr, out_lp_ptr, rows, rmask,
+                  o0: tl.constexpr, OW: tl.constexpr, C: tl.constexpr, cdt: tl.constexpr,
+                  STORE_LP: tl.constexpr):
+    """Output columns o0..o0+OW (those < C): pwconv2's bias (the sum rounded like the
+    reference's output), layer scale, residual add."""
+    offs_o = o0 + tl.arange(0, OW)
+    omask = offs_o < C
+    b2 = tl.load(b2_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+    z = (acc + b2[None, :]).to(cdt).to(tl.float32)
+    gam = tl.load(gam_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
+    m2 = rmask[:, None] & omask[None, :]
+    optrs = rows[:, None] * C + offs_o[None, :]
+    xr = tl.load(x_ptr + optrs, mask=m2, other=0.0).to(tl.float32)
+    o = (xr + gam[None, :] * z).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + optrs, o, mask=m2)
+    if STORE_LP:  # the next block's conv input, saving it a cast pass
+        tl.store(out_lp_ptr + optrs, o.to(out_lp_ptr.dtype.element_ty), mask=m2)
+
+
 @direct_launch
 @triton.jit
 def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                    gam_ptr, out_ptr, out_lp_ptr, h_ptr, mean_ptr, rstd_ptr, P, eps,
-                   C: tl.constexpr, KC: tl.constexpr, OUT_W: tl.constexpr,
+                   C: tl.constexpr, KC: tl.constexpr, OUT_A: tl.constexpr, OUT_B: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, STORE_H: tl.constexpr,
                    STORE_LP: tl.constexpr):
-    # Program (pixel tile, output-channel group): one group unless C is wide, and then
-    # each group recomputes pwconv1 for its tile so the hidden activation stays on chip.
-    # pwconv1's K loop runs over C in KC-wide chunks, re-reading the tile's y chunks (L1
-    # hits) and normalising them on the fly: cheaper than holding the normalised tile.
+    # One program per pixel tile. The LayerNorm output is built once per tile, as C/KC
+    # chunks in the compute dtype (the A operands of every hidden chunk's pwconv1 product;
+    # rebuilding them for each hidden chunk took 0.89 against 0.58 ms at 32x128x128, C=96,
+    # with h stored). The output columns are two power-of-two parts (96 = 64 + 32; OUT_B = 0 when C
+    # is one) rather than C padded up: 96 padded to 128 made pwconv2 a third larger.
     pid_m = tl.program_id(0)
-    grp = tl.program_id(1)
     HID: tl.constexpr = 4 * C
     NK: tl.constexpr = C // KC
     cdt: tl.constexpr = y_ptr.dtype.element_ty
@@ -471,46 +502,43 @@ def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_pt
         s2 += tl.sum(d * d, axis=1)
     rstd = 1.0 / tl.sqrt(s2 / C + eps)
     if STORE_H:
-        if grp == 0:
-            tl.store(mean_ptr + rows, mean, mask=rmask)
-            tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    offs_o = grp * OUT_W + tl.arange(0, OUT_W)
-    omask = offs_o < C
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    a_chunks = ()
+    for k in tl.static_range(NK):
+        a_chunks = a_chunks + (_ln_chunk(y_ptr, yb_ptr, lnw_ptr, lnb_ptr, rows, rmask, mean,
+                                         rstd, k * KC, KC, C, cdt),)
     offs_h = tl.arange(0, BLOCK_H)
-    acc = tl.zeros([BLOCK_M, OUT_W], dtype=tl.float32)
+    offs_a = tl.arange(0, OUT_A)
+    acc_a = tl.zeros([BLOCK_M, OUT_A], dtype=tl.float32)
+    if OUT_B > 0:
+        offs_b = OUT_A + tl.arange(0, OUT_B)
+        bmask = offs_b < C
+        acc_b = tl.zeros([BLOCK_M, OUT_B], dtype=tl.float32)
     for j in range(0, HID, BLOCK_H):
         hid = j + offs_h
         hacc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
         for k in tl.static_range(NK):
-            ck = k * KC + offs_k
-            yk = _conv_out_chunk(y_ptr, yb_ptr, rows, rmask, ck, C)
-            lw = tl.load(lnw_ptr + ck).to(tl.float32)
-            lb = tl.load(lnb_ptr + ck).to(tl.float32)
-            a = ((yk - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(cdt)
             # W1 is (4C, C): its (KC, BLOCK_H) slice W1[hid, ck]^T
-            w1 = tl.load(w1_ptr + hid[None, :] * C + ck[:, None]).to(cdt)
-            hacc = tl.dot(a, w1, hacc)
+            w1 = tl.load(w1_ptr + hid[None, :] * C + (k * KC + offs_k)[:, None]).to(cdt)
+            hacc = tl.dot(a_chunks[k], w1, hacc)
         hacc += tl.load(b1_ptr + hid).to(tl.float32)[None, :]
         hq = hacc.to(cdt)  # the reference rounds pwconv1's output before the GELU
         if STORE_H:
-            if grp == 0:
-                tl.store(h_ptr + rows[:, None] * HID + hid[None, :], hq, mask=rmask[:, None])
+            tl.store(h_ptr + rows[:, None] * HID + hid[None, :], hq, mask=rmask[:, None])
         g = _gelu_erf(hq.to(tl.float32)).to(cdt)
-        # W2 is (C, 4C): its (BLOCK_H, OUT_W) slice W2[o, hid]^T
-        w2 = tl.load(w2_ptr + offs_o[None, :] * HID + hid[:, None], mask=omask[None, :],
-                     other=0.0).to(cdt)
-        acc = tl.dot(g, w2, acc)
-    # Epilogue: pwconv2's bias (output rounded like the reference's), layer scale, residual.
-    b2 = tl.load(b2_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
-    z = (acc + b2[None, :]).to(cdt).to(tl.float32)
-    gam = tl.load(gam_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
-    m2 = rmask[:, None] & omask[None, :]
-    optrs = rows[:, None] * C + offs_o[None, :]
-    xr = tl.load(x_ptr + optrs, mask=m2, other=0.0).to(tl.float32)
-    o = (xr + gam[None, :] * z).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + optrs, o, mask=m2)
-    if STORE_LP:  # the next block's conv input, saving it a cast pass
-        tl.store(out_lp_ptr + optrs, o.to(out_lp_ptr.dtype.element_ty), mask=m2)
+        # W2 is (C, 4C): its (BLOCK_H, OUT) slices W2[o, hid]^T
+        w2a = tl.load(w2_ptr + offs_a[None, :] * HID + hid[:, None]).to(cdt)
+        acc_a = tl.dot(g, w2a, acc_a)
+        if OUT_B > 0:
+            w2b = tl.load(w2_ptr + offs_b[None, :] * HID + hid[:, None], mask=bmask[None, :],
+                          other=0.0).to(cdt)
+            acc_b = tl.dot(g, w2b, acc_b)
+    _residual_out(acc_a, b2_ptr, gam_ptr, x_ptr, out_ptr, out_lp_ptr, rows, rmask, 0, OUT_A,
+                  C, cdt, STORE_LP)
+    if OUT_B > 0:
+        _residual_out(acc_b, b2_ptr, gam_ptr, x_ptr, out_ptr, out_lp_ptr, rows, rmask, OUT_A,
+                      OUT_B, C, cdt, STORE_LP)
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -520,7 +548,8 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 # Widest C the fused kernel takes. Measured on an H100 (bf16, tools/microbench_ln_mlp.py):
 # at C=96 and 192 it beats LayerNorm + cuBLAS + GELU + addcmul (memory-bound there); at
 # C=384 the unfused cuBLAS products were faster (compute-bound, and the fused kernel's
-# register-resident tiles are small), so wider stages keep the unfused sequence.
+# register-resident tiles are small; measured with the kernel's first version), so wider
+# stages keep the unfused sequence.
 LN_MLP_MAX_C = 256
 
 
@@ -531,14 +560,20 @@ def ln_mlp_supported(C: int, dtype: torch.dtype) -> bool:
             and _largest_pow2_divisor(C, 128) >= 16)
 
 
-def _ln_mlp_config(C: int) -> Tuple[int, int, int, int, int]:
-    """(OUT_W, BLOCK_M, BLOCK_H, num_warps, num_stages) for width C: the fastest of
-    `tools/microbench_ln_mlp.py --sweep --weights bf16` on an H100 at C=96 and 192 (for
-    96: 0.425 ms against 0.466 for the next best tile, at 128x56x56 pixels)."""
-    c_pad = _pow2(C)
-    if c_pad <= 128:
-        return c_pad, 64, 64, 4, 2
-    return c_pad, 128, 64, 8, 2
+def _out_parts(C: int) -> Tuple[int, int]:
+    """(OUT_A, OUT_B): C's largest power of two, and the rest padded to a power of two."""
+    out_a = 1 << (C.bit_length() - 1)
+    rest = C - out_a
+    return out_a, (_pow2(rest) if rest else 0)
+
+
+def _ln_mlp_config(C: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_H, num_warps, num_stages): the fastest of
+    `tools/microbench_ln_mlp.py --sweep` on an H100 (bf16 weights), for inference and
+    training alike. C <= 192: 64-pixel tiles (at 128x56x56 pixels, C=96: 0.347 ms against
+    0.351 for the next best tile; 0.403 ms with h stored). C=256: 128-pixel tiles over two
+    warpgroups (0.434 against 0.528 ms with 64, at 128x28x28)."""
+    return (64, 32, 4, 3) if C <= 192 else (128, 32, 8, 3)
 
 
 def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
@@ -558,26 +593,27 @@ def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
         out: (P, C) contiguous, written.
         out_lp: (P, C) contiguous, written with `out` rounded to its dtype, when given.
         store_h: also return pwconv1's output (P, 4C) and the LayerNorm's mean, rstd (P,).
+        config: (BLOCK_M, BLOCK_H, num_warps, num_stages), for sweeps; default measured.
     Returns:
         (h, mean, rstd) when store_h, else None.
     """
     P, C = y.shape
-    out_w, block_m, block_h, num_warps, num_stages = config or _ln_mlp_config(C)
+    block_m, block_h, num_warps, num_stages = config or _ln_mlp_config(C)
     hid = 4 * C
     block_h = _largest_pow2_divisor(hid, block_h)  # the hidden loop has no tail
     kc = _largest_pow2_divisor(C, 128)
+    out_a, out_b = _out_parts(C)
     if store_h:
         h = torch.empty((P, hid), device=y.device, dtype=y.dtype)
         mean = torch.empty((P,), device=y.device, dtype=torch.float32)
         rstd = torch.empty((P,), device=y.device, dtype=torch.float32)
     else:
         h = mean = rstd = y
-    grid = (_cdiv(P, block_m), _cdiv(C, out_w))
-    _ln_mlp_kernel[grid](y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out,
-                         out_lp if out_lp is not None else out, h, mean, rstd, P, eps, C=C,
-                         KC=kc, OUT_W=out_w, BLOCK_M=block_m, BLOCK_H=block_h,
-                         STORE_H=store_h, STORE_LP=out_lp is not None, num_warps=num_warps,
-                         num_stages=num_stages)
+    _ln_mlp_kernel[(_cdiv(P, block_m),)](
+        y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out,
+        out_lp if out_lp is not None else out, h, mean, rstd, P, eps, C=C, KC=kc, OUT_A=out_a,
+        OUT_B=out_b, BLOCK_M=block_m, BLOCK_H=block_h, STORE_H=store_h,
+        STORE_LP=out_lp is not None, num_warps=num_warps, num_stages=num_stages)
     return (h, mean, rstd) if store_h else None
 
 
