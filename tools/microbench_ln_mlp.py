@@ -33,8 +33,8 @@ SHAPES = [("infer s1", 128 * 56 * 56, 96), ("infer s2", 128 * 28 * 28, 192),
 
 
 def _candidates():
-    """(BLOCK_M, BLOCK_H, num_warps, num_stages) tiles; BLOCK_M is a multiple of 64 per four
-    warps (one Hopper warpgroup's MMA rows)."""
+    """(BLOCK_M, BLOCK_H, num_warps, num_stages) tiles: at least 64 pixel rows per four warps
+    (a Hopper warpgroup's MMA takes 64 rows)."""
     yield from itertools.product([64], [16, 32, 64], [4], [2, 3, 4])
     yield from itertools.product([128], [32, 64], [8], [2, 3])
     yield 128, 32, 4, 3

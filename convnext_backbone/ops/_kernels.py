@@ -481,8 +481,9 @@ def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_pt
     # One program per pixel tile. The LayerNorm output is built once per tile, as C/KC
     # chunks in the compute dtype (the A operands of every hidden chunk's pwconv1 product;
     # rebuilding them for each hidden chunk took 0.89 against 0.58 ms at 32x128x128, C=96,
-    # with h stored). The output columns are two power-of-two parts (96 = 64 + 32; OUT_B = 0 when C
-    # is one) rather than C padded up: 96 padded to 128 made pwconv2 a third larger.
+    # with h stored). The output columns are two power-of-two parts (96 = 64 + 32;
+    # OUT_B = 0 when C is one) rather than C padded up: 96 padded to 128 made pwconv2 a
+    # third larger.
     pid_m = tl.program_id(0)
     HID: tl.constexpr = 4 * C
     NK: tl.constexpr = C // KC
