@@ -415,7 +415,10 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
     # x_lp only here: the custom op (compile path) gets None, so none of its outputs (xs may
     # be x_lp) aliases an input.
     args = (x, x_lp, *block_params(block), float(block.norm.eps), cdt, impl, keep, emit)
-    out, out_lp = _BlockFunction.apply(*args)
+    if keep:
+        out, out_lp = _BlockFunction.apply(*args)
+    else:  # nothing for autograd to record: skip the Function's per-call work
+        out, *_, out_lp = _block_fwd_impl(*args)
     if emit:
         out.__dict__[_LOW_PRECISION_ATTR] = (out_lp, None if out.is_inference() else out._version)
     return out

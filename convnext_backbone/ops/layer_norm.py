@@ -20,18 +20,24 @@ def _rows(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
+def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
+             keep: bool):
+    """(output as channels_last NCHW, mean, rstd); the statistics only when `keep`."""
+    from . import _kernels
+
+    n, c, h, w = x.shape
+    out, mean, rstd = _kernels.ln_fwd(_rows(x), weight, bias, eps, out_dtype, store_stats=keep)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2), mean, rstd
+
+
 class _LayerNorm2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                 out_dtype: torch.dtype, keep: bool) -> Tensor:
-        from . import _kernels
-
-        n, c, h, w = x.shape
-        out, mean, rstd = _kernels.ln_fwd(_rows(x), weight, bias, eps, out_dtype,
-                                          store_stats=keep)
+        out, mean, rstd = _forward(x, weight, bias, eps, out_dtype, keep)
         if keep:
             ctx.save_for_backward(x, mean, rstd, weight, bias)
-        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+        return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
@@ -54,4 +60,6 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor
     out_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
     keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or bias.requires_grad)
-    return _LayerNorm2dFunction.apply(x, weight, bias, float(eps), out_dtype, keep)
+    if not keep:  # nothing for autograd to record: skip the Function's per-call work
+        return _forward(x, weight, bias, float(eps), out_dtype, False)[0]
+    return _LayerNorm2dFunction.apply(x, weight, bias, float(eps), out_dtype, True)
