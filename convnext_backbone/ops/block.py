@@ -186,8 +186,9 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
 
 
 # The custom ops are what torch.compile sees (opaque nodes with fake implementations);
-# eager mode calls the same implementations through `_BlockFunction`, skipping the custom
-# op dispatcher's per-call Python work (which dominated small-batch detection steps).
+# eager mode calls the same implementations through `_BlockFunction` (or directly, when
+# autograd will not ask for gradients), skipping the custom op dispatcher's per-call Python
+# work (which dominated small-batch detection steps).
 block_fwd = torch.library.custom_op("convnext_backbone::block_fwd", _block_fwd_impl,
                                     mutates_args=())
 
