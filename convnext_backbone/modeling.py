@@ -252,15 +252,25 @@ class ConvNextPreTrainedModel(nn.Module):
         with _ops.block_sequence():  # lets the fast path hand each block the next one's input
             return self.stages[i](x)
 
+    def _run_stem(self, x: torch.Tensor, feeds_block: bool) -> torch.Tensor:
+        stem = self.downsample_layers[0]
+        if len(stem) == 2 and type(stem[0]) is nn.Conv2d and type(stem[1]) is LayerNorm2d:
+            conv, norm = stem
+            if _ops.use_fast_stem(stem, conv, norm, x):  # one Triton kernel (CUDA, autocast)
+                return _ops.stem_forward(conv, norm, x, feeds_block)
+        return stem(x)
+
     def _forward_trunk(self, x: torch.Tensor, num_stages: int) -> List[torch.Tensor]:
         """Outputs of `stage_names[: num_stages + 1]`: the stem, then each stage."""
-        x = self.downsample_layers[0](x)
+        x = self._run_stem(x, feeds_block=num_stages > 0)
         outputs = [x]
         for i in range(num_stages):
             if i > 0:
                 x = self.downsample_layers[i](x)
             x = self._run_blocks(i, x)
             outputs.append(x)
+        # The stem's copy for the first block, if that block did not take it.
+        _ops.discard_low_precision_copy(outputs[0])
         return outputs
 
     # --- weights -------------------------------------------------------------------

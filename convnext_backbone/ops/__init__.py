@@ -39,7 +39,8 @@ __all__ = ["fast_path", "fast_path_enabled", "fast_path_available", "use_fast_pa
            "block_forward", "use_cpu_path", "cpu_block_forward", "block_supported",
            "refresh_from_env", "compute_dtype", "needs_backward", "use_fast_layer_norm",
            "layer_norm_2d", "submodules_plain", "drop_path_active", "block_sequence",
-           "in_block_sequence"]
+           "in_block_sequence", "use_fast_stem", "stem_forward", "attach_low_precision_copy",
+           "discard_low_precision_copy"]
 
 
 def _env_enabled() -> bool:
@@ -63,6 +64,22 @@ MIN_TRAIN_PIXELS = int(os.environ.get("CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS", "16
 # Triton's interpreter runs the kernels on CPU tensors: lets CPU-only CI check the kernels'
 # arithmetic (slowly, on tiny shapes). Read once at import, like Triton itself does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The attribute under which a tensor carries its compute-dtype copy for the next block's
+# depthwise conv (`ops.block`), with the version of the tensor it was made from.
+_LOW_PRECISION_ATTR = "_convnext_low_precision_copy"
+
+
+def attach_low_precision_copy(t: torch.Tensor, copy: torch.Tensor) -> None:
+    """Hands `copy` (t in the compute dtype) to the next block that convolves `t`."""
+    t.__dict__[_LOW_PRECISION_ATTR] = (copy, None if t.is_inference() else t._version)
+
+
+def discard_low_precision_copy(t: torch.Tensor) -> None:
+    """Drops a copy that no block took, so that a returned tensor does not keep it alive."""
+    if not torch.compiler.is_compiling():  # none is made under compile
+        t.__dict__.pop(_LOW_PRECISION_ATTR, None)
 
 
 # Depth of `block_sequence` contexts on this thread.
@@ -154,21 +171,23 @@ _PLAIN_LAYER_TYPES = {"dwconv": nn.Conv2d, "norm": nn.LayerNorm, "pwconv1": nn.L
                       "pwconv2": nn.Linear}
 
 
+def _no_hooks(*modules: nn.Module) -> bool:
+    """No module hooks on `modules`, and no global module hooks."""
+    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                       or m._backward_pre_hooks for m in modules))
+
+
 def submodules_plain(block: nn.Module, names) -> bool:
     """Whether `block`'s submodules `names` are plain layers without hooks (and no global
     module hooks are registered)."""
-    if (_module._global_forward_hooks or _module._global_forward_pre_hooks
-            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+    subs = {name: getattr(block, name, None) for name in names}
+    if not _no_hooks(*(sub for sub in subs.values() if sub is not None)):
         return False
-    for name in names:
-        sub = getattr(block, name, None)
-        if sub is None:
-            continue
-        if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
-                or sub._backward_pre_hooks):
-            return False
+    for name, sub in subs.items():
         expected = _PLAIN_LAYER_TYPES.get(name)
-        if expected is not None and type(sub) is not expected:
+        if sub is not None and expected is not None and type(sub) is not expected:
             return False
     return True
 
@@ -281,6 +300,41 @@ def layer_norm_2d(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from .layer_norm import layer_norm_2d as _impl
 
     return _impl(x, norm.weight, norm.bias, norm.eps)
+
+
+def use_fast_stem(stem: nn.Module, conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
+    """The dispatch decision of the model's stem (`stem` = Sequential(`conv`, `norm`), the
+    plain layers, checked by the caller): eager mode, half-precision compute, a
+    non-overlapping patch conv with bias, unhooked."""
+    if torch.compiler.is_compiling() or not _tensor_may_take_fast_path(x):
+        return False
+    k = tuple(conv.kernel_size)
+    if not (k[0] == k[1] and tuple(conv.stride) == k and tuple(conv.padding) == (0, 0)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and conv.bias is not None
+            and conv.padding_mode == "zeros" and norm.weight is not None
+            and norm.bias is not None and tuple(norm.normalized_shape) == (conv.out_channels,)
+            and x.shape[1] == conv.in_channels and x.shape[2] % k[0] == 0
+            and x.shape[3] % k[0] == 0 and _plain_autograd(x) and _no_hooks(stem, conv, norm)):
+        return False
+    from ._kernels import stem_supported
+
+    # The kernel's output offsets are int32.
+    out_numel = x.shape[0] * conv.out_channels * (x.shape[2] // k[0]) * (x.shape[3] // k[0])
+    return out_numel < 2**31 and stem_supported(conv.in_channels, k[0], conv.out_channels,
+                                                compute_dtype(x))
+
+
+def stem_forward(conv: nn.Module, norm: nn.Module, x: torch.Tensor,
+                 feeds_block: bool) -> torch.Tensor:
+    """Runs the stem through one Triton kernel (see `convnext_backbone.ops.stem`). With
+    `feeds_block`, the output carries its compute-dtype copy for the first block (see
+    `attach_low_precision_copy`; the caller discards it if no block takes it)."""
+    from .stem import stem_forward as _impl
+
+    out, copy = _impl(conv, norm, x, compute_dtype(x), feeds_block)
+    if copy is not None:
+        attach_low_precision_copy(out, copy)
+    return out
 
 
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,9 @@ Accumulation is fp32 whatever the storage dtype.
   dout^T gelu(h) and dout's column sums, in one launch.
 - `ColumnSums`: one buffer for the partial column sums of a block's backward kernels
   (`cast_colsum`, `gelu_bwd`, `ln_bwd`), reduced by one launch.
+- `stem_patchify_ln`: the stem (non-overlapping patch conv + bias + channels LayerNorm)
+  in one kernel: the image is read once (any strides, any float dtype) and the normalised
+  NHWC output written, plus its compute-dtype copy for the first block.
 - `ln_mlp_residual`: the rest of the block after the conv in one kernel, for bf16/fp16:
   LayerNorm -> pwconv1 (+bias) -> GELU -> pwconv2 (+bias) -> layer scale -> residual add.
   The 4C-wide hidden activation lives only in registers (stored once, pre-GELU, when the
@@ -50,7 +53,7 @@ from ._launch import direct_launch
 
 __all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
            "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add", "cast_params",
-           "layer_scale_grads", "ColumnSums"]
+           "layer_scale_grads", "ColumnSums", "stem_patchify_ln", "stem_supported"]
 
 
 # Host-side integer helpers in plain Python: in recent Triton (3.6, 3.8) `triton.cdiv` and
@@ -758,6 +761,107 @@ def _ln_fwd_kernel(x_ptr, xb_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, 
     if STORE_STATS:
         tl.store(mean_ptr + rows, mean, mask=rmask)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@direct_launch
+@triton.jit
+def _stem_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, out_ptr, lp_ptr, y_ptr, mean_ptr,
+                 rstd_ptr, P, HWP, WP, sN, sC, sH, sW, eps, C: tl.constexpr,
+                 CIN: tl.constexpr, PATCH: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STORE_LP: tl.constexpr,
+                 STORE_Y: tl.constexpr):
+    # One row per patch (n, ph, pw), in that order: the output rows are NHWC pixels.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < P
+    n = rows // HWP
+    ph = (rows % HWP) // WP
+    pw = rows % WP
+    # Columns in the conv weight's (CIN, PATCH, PATCH) order.
+    k = tl.arange(0, BLOCK_K)
+    kmask = k < CIN * PATCH * PATCH
+    ci = k // (PATCH * PATCH)
+    kh = (k // PATCH) % PATCH
+    kw = k % PATCH
+    src = ((n.to(tl.int64) * sN)[:, None] + (ci * sC)[None, :]
+           + ((ph * PATCH)[:, None] + kh[None, :]) * sH + ((pw * PATCH)[:, None] + kw[None, :]) * sW)
+    cdt = lp_ptr.dtype.element_ty
+    a = tl.load(x_ptr + src, mask=rmask[:, None] & kmask[None, :], other=0.0).to(cdt)
+    c = tl.arange(0, BLOCK_N)
+    cmask = c < C
+    w = tl.load(w_ptr + c[None, :] * (CIN * PATCH * PATCH) + k[:, None],
+                mask=kmask[:, None] & cmask[None, :], other=0.0).to(cdt)
+    acc = tl.dot(a, w)
+    # Rounded where autocast's conv rounds: its output, then the bias added in that dtype.
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(cdt).to(tl.float32)
+    y = (acc.to(cdt).to(tl.float32) + bias[None, :]).to(cdt)
+    m = rmask[:, None] & cmask[None, :]
+    ptrs = rows[:, None] * C + c[None, :]
+    yf = tl.where(m, y.to(tl.float32), 0.0)
+    mean = tl.sum(yf, axis=1) / C
+    d = tl.where(m, yf - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+    lw = tl.load(lnw_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    lb = tl.load(lnb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    o = d * rstd[:, None] * lw[None, :] + lb[None, :]
+    tl.store(out_ptr + ptrs, o.to(out_ptr.dtype.element_ty), mask=m)
+    if STORE_LP:
+        tl.store(lp_ptr + ptrs, o.to(cdt), mask=m)
+    if STORE_Y:
+        tl.store(y_ptr + ptrs, y, mask=m)
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+# The stem kernel holds a (64 x pow2(C)) fp32 tile and one (pow2(K) x pow2(C)) weight tile.
+_STEM_MAX_C = 256
+_STEM_MAX_K = 128
+
+
+def stem_supported(in_channels: int, patch: int, out_channels: int, dtype: torch.dtype) -> bool:
+    """Whether `stem_patchify_ln` covers a stem: half-precision compute (a bf16/fp16 matrix
+    product; fp32 keeps cuDNN's conv), patch columns and output channels within one tile."""
+    return (dtype in (torch.bfloat16, torch.float16) and out_channels <= _STEM_MAX_C
+            and in_channels * patch * patch <= _STEM_MAX_K)
+
+
+def stem_patchify_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                     compute_dtype: torch.dtype, out_dtype: torch.dtype, *, emit_lp: bool,
+                     keep_for_backward: bool):
+    """LayerNorm_C(conv(x, weight, stride=patch) + bias) for a non-overlapping patch conv.
+
+    Args:
+        x: (N, CIN, H, W), H and W multiples of the patch, any strides and float dtype
+            (read and rounded to `compute_dtype`, as autocast's conv does).
+        weight: (C, CIN, patch, patch) contiguous; bias, ln_weight, ln_bias: (C,).
+    Returns:
+        (out, out_lp, y, mean, rstd) with out (P, C) in `out_dtype` (P = N * H/p * W/p
+        pixels, NHWC order); out_lp its `compute_dtype` copy when `emit_lp`; y, the conv
+        output plus bias in `compute_dtype`, and the LayerNorm's fp32 statistics when
+        `keep_for_backward`; None where not asked for.
+    """
+    n, cin, h, w = x.shape
+    c, patch = weight.shape[0], weight.shape[-1]
+    hp, wp = h // patch, w // patch
+    P = n * hp * wp
+    dev = x.device
+    out = torch.empty((P, c), device=dev, dtype=out_dtype)
+    lp = torch.empty((P if emit_lp else 1, c), device=dev, dtype=compute_dtype)
+    if keep_for_backward:
+        y = torch.empty((P, c), device=dev, dtype=compute_dtype)
+        mean = torch.empty((P,), device=dev, dtype=torch.float32)
+        rstd = torch.empty((P,), device=dev, dtype=torch.float32)
+    else:
+        y = mean = rstd = lp
+    block_m, block_n = 64, max(16, _pow2(c))
+    _stem_kernel[(_cdiv(P, block_m),)](
+        x, weight, bias, ln_weight, ln_bias, out, lp, y, mean, rstd, P, hp * wp, wp,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), eps, C=c, CIN=cin, PATCH=patch,
+        BLOCK_M=block_m, BLOCK_K=max(16, _pow2(cin * patch * patch)), BLOCK_N=block_n,
+        STORE_LP=emit_lp, STORE_Y=keep_for_backward, num_warps=4 if block_n <= 128 else 8)
+    if not keep_for_backward:
+        y = mean = rstd = None
+    return out, (lp if emit_lp else None), y, mean, rstd
 
 
 def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,

@@ -40,7 +40,8 @@ from torch import Tensor
 from torch.nn.modules import module as _module
 
 # Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
-from . import block_params, compute_dtype, in_block_sequence, needs_backward
+from . import (_LOW_PRECISION_ATTR, attach_low_precision_copy, block_params, compute_dtype,
+               in_block_sequence, needs_backward)
 
 __all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN"]
 
@@ -371,12 +372,10 @@ class _BlockFunction(torch.autograd.Function):
 # or a caller holding the tensor keeps no extra memory) and convolves it instead of casting
 # its input again: one pass over memory less per block. The copy is used only while the
 # tensor is unchanged (its version counter); hooks that could change the tensor switch this
-# off. Inference-mode tensors have no version counter: for them the copy is made and used
-# only inside a stage's own loop over its blocks (`ops.block_sequence`), where nothing but
-# hooks runs between one block and the next.
-_LOW_PRECISION_ATTR = "_convnext_low_precision_copy"
-
-
+# off. Inference-mode tensors have no version counter: for them the copy is used only inside
+# a stage's own loop over its blocks (`ops.block_sequence`), made by the block before or,
+# for the first stage, by the model's fused stem right before the loop; nothing but hooks
+# runs in between.
 def _take_low_precision_copy(x: Tensor, cdt: torch.dtype) -> Optional[Tensor]:
     entry = x.__dict__.pop(_LOW_PRECISION_ATTR, None)
     if entry is None:
@@ -421,5 +420,5 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
     else:  # nothing for autograd to record: skip the Function's per-call work
         out, *_, out_lp = _block_fwd_impl(*args)
     if emit:
-        out.__dict__[_LOW_PRECISION_ATTR] = (out_lp, None if out.is_inference() else out._version)
+        attach_low_precision_copy(out, out_lp)
     return out

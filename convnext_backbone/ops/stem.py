@@ -1,0 +1,99 @@
+"""The stem (patch conv 4x4/4 + bias + channels LayerNorm) in one Triton kernel.
+
+Under autocast the reference stem runs four passes over memory: the image cast to the
+compute dtype, cuDNN's conv (a generic kernel for 3 input channels), the bias add, and the
+LayerNorm; the first block then casts the fp32 result back to the compute dtype for its
+depthwise conv. `_kernels.stem_patchify_ln` reads the image once, multiplies each 4x4x3
+patch with the weights on the tensor cores, adds the bias, normalises, and writes the fp32
+output plus its compute-dtype copy, which the first block takes instead of casting
+(`ops.attach_low_precision_copy`). The same rounding points as the reference: the image and
+the weights rounded to the compute dtype, the conv output (with its bias) rounded before
+the LayerNorm, the statistics in fp32.
+
+Backward: the Triton LayerNorm backward from the saved conv output and statistics (its
+column sums give the LayerNorm's and the conv bias's gradients), then aten's
+convolution_backward for the weight (and, when asked for, the image) gradients, as the
+reference computes them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _stem_fwd(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+              eps: float, cdt: torch.dtype, out_dtype: torch.dtype, emit_lp: bool, keep: bool):
+    """(out, out_lp, y, mean, rstd); out and out_lp as channels_last NCHW tensors."""
+    from . import _kernels
+
+    n, _, h, w = x.shape
+    c, patch = weight.shape[0], weight.shape[-1]
+    hp, wp = h // patch, w // patch
+    out, lp, y, mean, rstd = _kernels.stem_patchify_ln(
+        x, weight.contiguous(), bias, ln_weight, ln_bias, eps, cdt, out_dtype, emit_lp=emit_lp,
+        keep_for_backward=keep)
+    out = out.view(n, hp, wp, c).permute(0, 3, 1, 2)
+    if lp is not None:
+        lp = lp.view(n, hp, wp, c).permute(0, 3, 1, 2)
+    return out, lp, y, mean, rstd
+
+
+class _StemFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                eps: float, cdt: torch.dtype, out_dtype: torch.dtype, emit_lp: bool):
+        out, lp, y, mean, rstd = _stem_fwd(x, weight, bias, ln_weight, ln_bias, eps, cdt,
+                                           out_dtype, emit_lp, True)
+        # The image itself is kept (the caller holds it anyway) and cast again in backward.
+        ctx.save_for_backward(x, weight, y, mean, rstd, ln_weight, ln_bias)
+        ctx.cdt = cdt
+        ctx.bias_dtype = bias.dtype
+        if lp is None:
+            lp = out.new_empty((0,), dtype=cdt)
+        ctx.mark_non_differentiable(lp)
+        return out, lp
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlp: Optional[Tensor]):
+        from . import _kernels
+
+        x, weight, y, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
+        n, c, hp, wp = dout.shape
+        patch = weight.shape[-1]
+        do = dout.permute(0, 2, 3, 1).reshape(n * hp * wp, c)
+        if not do.is_contiguous():
+            do = do.contiguous()
+        dy, _, dlnw, dlnb, db = _kernels.ln_bwd(y, do, mean, rstd, ln_weight, ln_bias, ctx.cdt,
+                                                rebuild_output=False, sum_dy=True)
+        with torch.autocast(x.device.type, enabled=False):
+            dy4 = dy.view(n, hp, wp, c).permute(0, 3, 1, 2)
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dy4, x.to(ctx.cdt), weight.to(ctx.cdt), None, [patch, patch], [0, 0], [1, 1],
+                False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return (dx.to(x.dtype) if dx is not None else None,
+                dw.to(weight.dtype) if dw is not None else None, db.to(ctx.bias_dtype),
+                dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), None, None, None, None)
+
+
+def _out_dtype(x: Tensor, cdt: torch.dtype) -> torch.dtype:
+    """As `layer_norm.layer_norm_2d` (F.layer_norm's dtype there): fp32 under CUDA autocast,
+    else its input's, the conv output's dtype `cdt`."""
+    return torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else cdt
+
+
+def stem_forward(conv: torch.nn.Conv2d, norm: torch.nn.LayerNorm, x: Tensor, cdt: torch.dtype,
+                 emit_lp: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(LayerNorm2d(conv(x)), its `cdt` copy or None): the stem's output in the reference's
+    dtype, and with `emit_lp` its copy in the compute dtype `cdt` when that differs."""
+    out_dtype = _out_dtype(x, cdt)
+    emit_lp = emit_lp and out_dtype != cdt
+    params = (conv.weight, conv.bias, norm.weight, norm.bias)
+    keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    args = (x, *params, float(norm.eps), cdt, out_dtype, emit_lp)
+    if keep:
+        out, lp = _StemFunction.apply(*args)
+        return out, (lp if emit_lp else None)
+    out, lp, *_ = _stem_fwd(*args, False)
+    return out, lp
