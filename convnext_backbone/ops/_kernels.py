@@ -736,6 +736,18 @@ class ColumnSums:
         return [s[a:b] for a, b in self._bounds]
 
 
+@triton.jit
+def _normalise_rows(x, m, cmask, offs_c, w_ptr, b_ptr, C, eps):
+    """LayerNorm of a (rows, BLOCK_C) fp32 tile whose masked-out entries (`m`) are zero:
+    (output, mean, rstd), statistics over the C valid columns."""
+    mean = tl.sum(x, axis=1) / C
+    d = tl.where(m, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+    w = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    return d * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+
 @direct_launch
 @triton.jit
 def _ln_fwd_kernel(x_ptr, xb_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, C, eps,
@@ -751,12 +763,7 @@ def _ln_fwd_kernel(x_ptr, xb_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, P, 
     if HAS_X_BIAS:  # the conv bias, added on the fly (rows outside the mask stay zero)
         x = tl.where(m, x + tl.load(xb_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :],
                      0.0)
-    mean = tl.sum(x, axis=1) / C
-    d = tl.where(m, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-    w = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
-    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    y, mean, rstd = _normalise_rows(x, m, cmask, offs_c, w_ptr, b_ptr, C, eps)
     tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=m)
     if STORE_STATS:
         tl.store(mean_ptr + rows, mean, mask=rmask)
@@ -796,13 +803,8 @@ def _stem_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, out_ptr, lp_ptr, y_ptr, 
     y = (acc.to(cdt).to(tl.float32) + bias[None, :]).to(cdt)
     m = rmask[:, None] & cmask[None, :]
     ptrs = rows[:, None] * C + c[None, :]
-    yf = tl.where(m, y.to(tl.float32), 0.0)
-    mean = tl.sum(yf, axis=1) / C
-    d = tl.where(m, yf - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-    lw = tl.load(lnw_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    lb = tl.load(lnb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    o = d * rstd[:, None] * lw[None, :] + lb[None, :]
+    o, mean, rstd = _normalise_rows(tl.where(m, y.to(tl.float32), 0.0), m, cmask, c, lnw_ptr,
+                                    lnb_ptr, C, eps)
     tl.store(out_ptr + ptrs, o.to(out_ptr.dtype.element_ty), mask=m)
     if STORE_LP:
         tl.store(lp_ptr + ptrs, o.to(cdt), mask=m)
