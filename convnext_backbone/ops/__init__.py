@@ -8,8 +8,10 @@ user to do: the fast path is taken for CUDA tensors when Triton imports, for V1 
 reference path. On CPU, fp32 inference blocks (no autograd) run their pointwise layers
 through oneDNN's fused linear ops instead (`use_cpu_path`, `convnext_backbone.ops.cpu`).
 `LayerNorm2d` (stem, downsampling, output norms) likewise takes Triton
-kernels for channels_last CUDA tensors in eager mode (`use_fast_layer_norm`). Parameter
-names and checkpoints are the same on both paths.
+kernels for channels_last CUDA tensors in eager mode (`use_fast_layer_norm`), and under
+half-precision autocast the model's whole stem (patch conv + LayerNorm) is one Triton
+kernel (`use_fast_stem`, `convnext_backbone.ops.stem`). Parameter names and checkpoints
+are the same on both paths.
 
 Switches (for benchmarks and debugging):
   - environment variable ``CONVNEXT_FAST_PATH=0`` turns the fast path off (read at import

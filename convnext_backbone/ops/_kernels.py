@@ -848,6 +848,7 @@ def stem_patchify_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     P = n * hp * wp
     dev = x.device
     out = torch.empty((P, c), device=dev, dtype=out_dtype)
+    # Always passed: its dtype is the kernel's compute dtype (one row when not written).
     lp = torch.empty((P if emit_lp else 1, c), device=dev, dtype=compute_dtype)
     if keep_for_backward:
         y = torch.empty((P, c), device=dev, dtype=compute_dtype)

@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .layer_norm import _rows
+
 
 def _stem_fwd(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
               eps: float, cdt: torch.dtype, out_dtype: torch.dtype, emit_lp: bool, keep: bool):
@@ -62,7 +64,7 @@ class _StemFunction(torch.autograd.Function):
         x, weight, y, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
         n, c, hp, wp = dout.shape
         patch = weight.shape[-1]
-        do = dout.permute(0, 2, 3, 1).reshape(n * hp * wp, c)
+        do = _rows(dout)
         if not do.is_contiguous():
             do = do.contiguous()
         dy, _, dlnw, dlnb, db = _kernels.ln_bwd(y, do, mean, rstd, ln_weight, ln_bias, ctx.cdt,
