@@ -7,7 +7,9 @@ user to do: the fast path is taken for CUDA tensors when Triton imports, for V1 
 (CPU, ONNX export, torch.fx tracing, TorchScript, V2/GRN, other activations) runs the
 reference path. On CPU, fp32 inference blocks (no autograd) run their pointwise layers
 through oneDNN's fused linear ops instead (`use_cpu_path`, `convnext_backbone.ops.cpu`).
-`LayerNorm2d` (stem, downsampling, output norms) likewise takes Triton
+The blocks' depthwise 7x7 convs run this package's CUDA kernel (`cuda_dwconv`, built at
+run time by NVRTC) for half-precision input, cuDNN otherwise. `LayerNorm2d` (stem,
+downsampling, output norms) takes Triton
 kernels for channels_last CUDA tensors in eager mode (`use_fast_layer_norm`), and under
 half-precision autocast the model's whole stem (patch conv + LayerNorm) is one Triton
 kernel (`use_fast_stem`, `convnext_backbone.ops.stem`). Parameter names and checkpoints
@@ -19,10 +21,11 @@ Switches (for benchmarks and debugging):
   - ``with convnext_backbone.ops.fast_path(False): ...`` turns it off (or on) in a block;
   - ``CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS`` (default 16384): training blocks with fewer
     pixels (batch x height x width) take the reference path (`MIN_TRAIN_PIXELS`);
-  - ``CONVNEXT_DWCONV=cudnn|triton`` picks the depthwise-conv kernels (default cudnn).
+  - ``CONVNEXT_DWCONV=cuda|cudnn|triton`` picks the depthwise-conv kernels (default cuda).
     Under torch.compile the setting in force when the graph is traced is baked into it.
 
-This module imports only torch; Triton is imported on first use.
+This module imports only torch; Triton is imported on first use, NVRTC and the CUDA
+driver are loaded (ctypes) on the first half-precision CUDA conv.
 """
 from __future__ import annotations
 

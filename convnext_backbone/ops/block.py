@@ -4,7 +4,8 @@ mode, torch.compile (no graph break: the ops are opaque nodes) and activation
 checkpointing all run the same kernels.
 
 Forward, on NHWC pixels (a channels_last NCHW tensor, no permute copy):
-    y = dwconv7x7(x) (+ b)          cuDNN (default; b added by the next kernel) or Triton
+    y = dwconv7x7(x) (+ b)          this package's CUDA kernel (default; cuDNN where it does
+                                    not apply), cuDNN or Triton; b added by the next kernel
     xn = LayerNorm_C(y)             (mean, rstd per pixel kept, xn discarded)
     h = xn @ W1^T + b1
     z = gelu(h) @ W2^T + b2
@@ -16,9 +17,10 @@ Triton LayerNorm, cuBLAS addmm, aten gelu and one addcmul.
 Saved for backward: the conv input (x, or its bf16 copy with cuDNN under autocast), y, h,
 mean, rstd. Backward: GELU backward in Triton (also giving gelu(h) and pwconv1's bias
 gradient in the same pass), LayerNorm backward in Triton (rebuilding xn and, with cuDNN,
-summing the conv bias gradient), the conv's gradients with cuDNN (`CONVNEXT_DWCONV=cudnn`,
-default; the input gradient as a forward conv with mirrored taps, mirrored by the launch
-that casts the weights) or Triton (`=triton`). The backward kernels' column sums (dout's,
+summing the conv bias gradient), the conv's input gradient as a forward conv with mirrored
+taps (`CONVNEXT_DWCONV=cuda`, default: the CUDA kernel, which also adds the residual's
+gradient; `=cudnn`: cuDNN, the taps mirrored by the launch that casts the weights) and its
+weight gradient with cuDNN, or both with Triton (`=triton`). The backward kernels' column sums (dout's,
 dh's, the LayerNorm's) share one buffer and one reduction launch (`_kernels.ColumnSums`).
 Not saved: xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's
 gradient is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product
@@ -41,25 +43,39 @@ from torch.nn.modules import module as _module
 
 # Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
 from . import (_LOW_PRECISION_ATTR, attach_low_precision_copy, block_params, compute_dtype,
-               in_block_sequence, needs_backward)
+               cuda_dwconv, in_block_sequence, needs_backward)
 
-__all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN"]
+__all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN",
+           "CONV_CUDA"]
 
 CONV_TRITON = 0
 CONV_CUDNN = 1
+CONV_CUDA = 2
+_CONV_IMPLS = {"cuda": CONV_CUDA, "cudnn": CONV_CUDNN, "triton": CONV_TRITON}
 
 
 def conv_impl() -> int:
-    """Which kernel runs the depthwise conv: ``CONVNEXT_DWCONV=cudnn|triton``.
+    """Which kernel runs the depthwise conv: ``CONVNEXT_DWCONV=cuda|cudnn|triton``.
 
-    Default cuDNN: on an H100 (bf16, ConvNeXt-T shapes) the Triton conv kernels were on par
-    with cuDNN at C=96/192/768 but pathologically slow at C=384 (6.9 ms against 0.19 ms for
-    32x384x32x32), so the whole block ran 2x slower with them; the Triton LayerNorm
-    backward is used with either."""
-    name = os.environ.get("CONVNEXT_DWCONV", "cudnn").strip().lower()
-    if name not in ("triton", "cudnn"):
-        raise ValueError(f"CONVNEXT_DWCONV must be 'triton' or 'cudnn', got {name!r}")
-    return CONV_CUDNN if name == "cudnn" else CONV_TRITON
+    Default ``cuda``: this package's CUDA kernel (`cuda_dwconv`, built by NVRTC) for
+    half-precision channels_last input with channels in groups of 4, cuDNN for the rest and
+    for the weight gradient. On an H200 (bf16, ConvNeXt-T shapes) it takes 1.89 ms of
+    depthwise conv per 128x224^2 inference step against cuDNN's 2.30, and 5.08 ms against
+    6.51 for a 32x512^2 training step's forward convs, input-gradient convs and residual
+    adds (the kernel adds the residual). ``cudnn`` uses cuDNN alone. ``triton``: the Triton
+    conv kernels were on par with cuDNN at C=96/192/768 but pathologically slow at C=384
+    (6.9 ms against 0.19 ms for 32x384x32x32 on an H100)."""
+    name = os.environ.get("CONVNEXT_DWCONV", "cuda").strip().lower()
+    if name not in _CONV_IMPLS:
+        raise ValueError(f"CONVNEXT_DWCONV must be one of {sorted(_CONV_IMPLS)}, got {name!r}")
+    return _CONV_IMPLS[name]
+
+
+def _library_conv(conv_impl: int) -> bool:
+    """Whether the conv runs outside the Triton kernels (CUDA kernel or cuDNN): then the
+    conv input is convolved in the compute dtype, y lacks the conv bias, and the LayerNorm
+    backward sums the conv bias gradient."""
+    return conv_impl != CONV_TRITON
 
 
 def _nhwc(x: Tensor) -> Tensor:
@@ -90,12 +106,44 @@ def _depthwise_conv7(x: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(x, weight, None, padding=3, groups=c)
 
 
+def _library_conv_forward(xc: Tensor, dw_weight: Tensor, dw_weight_c: Tensor,
+                          conv_impl: int) -> Tensor:
+    """The depthwise conv of the compute-dtype input xc, without bias (`dw_weight_c`: the
+    taps cast to xc's dtype, for cuDNN)."""
+    if conv_impl == CONV_CUDA and cuda_dwconv.supports(xc):
+        try:
+            return cuda_dwconv.depthwise_conv7(xc, dw_weight)
+        except cuda_dwconv.KernelUnavailable:
+            pass  # warned once; cuDNN from now on
+    return _depthwise_conv7(xc, dw_weight_c)
+
+
+def _library_conv_input_grad(dy4: Tensor, dw_weight: Tensor, mirrored_c: Tensor, dout: Tensor,
+                             dout_pc: Tensor, dx_dtype: torch.dtype, conv_impl: int) -> Tensor:
+    """dx = dout + the conv's input gradient: the conv of dy with the taps mirrored
+    (`mirrored_c`: those taps in dy's dtype, for cuDNN; `dout_pc`: dout as (P, C) rows).
+    The CUDA kernel adds dout itself, in fp32, instead of a separate pass."""
+    n, c, hh, ww = dy4.shape
+    if (conv_impl == CONV_CUDA and cuda_dwconv.supports(dy4)
+            and dx_dtype in (dy4.dtype, torch.float32)
+            and dout_pc.dtype in (dy4.dtype, torch.float32)):
+        try:
+            return cuda_dwconv.depthwise_conv7(
+                dy4, dw_weight, mirror=True,
+                residual=dout_pc.view(n, hh, ww, c).permute(0, 3, 1, 2), out_dtype=dx_dtype)
+        except cuda_dwconv.KernelUnavailable:
+            pass
+    dx = _empty_nchw_channels_last(dy4, (n, c, hh, ww), dx_dtype)
+    torch.add(dout, _depthwise_conv7(dy4, mirrored_c), out=dx)
+    return dx
+
+
 def _y_lacks_conv_bias(c: int, cdt: torch.dtype, conv_impl: int) -> bool:
     """Whether the saved conv output y excludes the conv bias (then added on the fly by the
     kernel reading y): always with cuDNN, and with the fused MLP kernel."""
     from . import _kernels
 
-    return conv_impl == CONV_CUDNN or _kernels.ln_mlp_supported(c, cdt)
+    return _library_conv(conv_impl) or _kernels.ln_mlp_supported(c, cdt)
 
 
 def _out_dtype(x: Tensor, gamma: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
@@ -141,20 +189,20 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
         # One launch casts every weight that is read in the compute dtype. The fused kernel
         # reads its matrices 24% faster in bf16 than casting fp32 ones as it loads them
         # (H100, tools/microbench_ln_mlp.py --weights fp32 bf16); its vectors stay as they are.
-        with_taps = (dw_weight,) if conv_impl == CONV_CUDNN else ()
+        with_taps = (dw_weight,) if _library_conv(conv_impl) else ()
         if fused_mlp:
             w1, w2, *rest = _kernels.cast_params((w1, w2) + with_taps, cdt)
         else:
             w1, b1, w2, b2, *rest = _kernels.cast_params((w1, b1, w2, b2) + with_taps, cdt)
         dwc = rest[0] if rest else dw_weight
-        if conv_impl == CONV_CUDNN:
+        if _library_conv(conv_impl):
             xc = (x_lp if x_lp is not None
                   else x.to(cdt).contiguous(memory_format=torch.channels_last))
             if x.dtype != cdt and keep_for_backward:
                 xs = xc
             # The conv bias is added where y is next read (the fused kernel or the LayerNorm):
             # cuDNN would add it in a separate pass over y.
-            y4 = _depthwise_conv7(xc, dwc)
+            y4 = _library_conv_forward(xc, dw_weight, dwc, conv_impl)
             y = _nhwc(y4.contiguous(memory_format=torch.channels_last))
         elif fused_mlp:
             taps = dw_weight.reshape(c, 49).t().contiguous()
@@ -166,7 +214,7 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
                                              out_lp=out_lp_pc)
             h, mean, rstd = saved if saved is not None else _nothing_saved(x, cdt)
             return out, y, h, mean, rstd, xs, out_lp
-        if conv_impl == CONV_CUDNN:
+        if _library_conv(conv_impl):
             # Triton: aten's LayerNorm gives each short row its own thread block.
             xn, mean, rstd = _kernels.ln_fwd(y, ln_weight, ln_bias, eps, cdt,
                                              store_stats=keep_for_backward, x_bias=dw_bias)
@@ -209,7 +257,7 @@ def _block_fwd_fake(x, x_lp, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2,
     h = x.new_empty((p, w1.shape[0]), dtype=compute_dtype)
     mean = x.new_empty((p,), dtype=torch.float32)
     rstd = x.new_empty((p,), dtype=torch.float32)
-    if conv_impl == CONV_CUDNN and x.dtype != compute_dtype:
+    if _library_conv(conv_impl) and x.dtype != compute_dtype:
         xs = _empty_nchw_channels_last(x, (n, c, hh, ww), compute_dtype)
     else:
         xs = x.new_empty((0,), dtype=compute_dtype)
@@ -231,16 +279,16 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         do = _nhwc(dout)
         if not do.is_contiguous():
             do = do.contiguous()
-        cudnn = conv_impl == CONV_CUDNN
+        library_conv = _library_conv(conv_impl)
         # The column sums (dout's: b2's and gamma's gradients; dh's: b1's; the LayerNorm's
         # weight, bias and input gradients') are reduced by one launch at the end.
-        sums = _kernels.ColumnSums(p, c, (c, 4 * c, 3 * c if cudnn else 2 * c), x.device)
+        sums = _kernels.ColumnSums(p, c, (c, 4 * c, 3 * c if library_conv else 2 * c), x.device)
         do_c, _ = _kernels.cast_colsum(do, cdt, part=sums.band(0))
-        # gamma * W2 (the layer scale folded into pwconv2), W1 and, for cuDNN, the conv taps
-        # mirrored (the input gradient's taps) in the compute dtype: one launch.
-        cast = (w2, w1) + ((dw_weight,) if cudnn else ())
+        # gamma * W2 (the layer scale folded into pwconv2), W1 and, for the library conv, the
+        # conv taps mirrored (the input gradient's taps) in the compute dtype: one launch.
+        cast = (w2, w1) + ((dw_weight,) if library_conv else ())
         w2g, w1c, *rest = _kernels.cast_params(cast, cdt, row_scale=gamma,
-                                               reverse_last=49 if cudnn else 0)
+                                               reverse_last=49 if library_conv else 0)
         dg = torch.mm(do_c, w2g)  # (P, 4C)
         dh, g, _ = _kernels.gelu_bwd(dg, h, part=sums.band(1))  # also GELU(h) and b1's sums
         del dg
@@ -249,9 +297,10 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         del g
         dxn = torch.mm(dh, w1c)  # (P, C)
         y_bias = dw_bias if _y_lacks_conv_bias(c, cdt, conv_impl) else None
-        # With cuDNN, the conv bias gradient (sum of dy) comes from the LayerNorm kernel.
+        # With the library conv, the conv bias gradient (sum of dy) comes from the LayerNorm
+        # kernel.
         dy, xn, _, _, _ = _kernels.ln_bwd(y, dxn, mean, rstd, ln_weight, ln_bias, cdt, y_bias,
-                                          sum_dy=cudnn, part=sums.band(2))
+                                          sum_dy=library_conv, part=sums.band(2))
         del dxn
         dsum, db1, ln_sums = sums.finish()
         dlnw, dlnb, dy_sum = ln_sums[:c], ln_sums[c:2 * c], ln_sums[2 * c:]
@@ -259,20 +308,19 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         del m
         dw1 = torch.mm(dh.t(), xn).float()
         del dh, xn
-        if cudnn:
+        if library_conv:
             xc = x.to(cdt).contiguous(memory_format=torch.channels_last)
             dy4 = dy.view(n, hh, ww, c).permute(0, 3, 1, 2)
             wc_mirrored = rest[0]
             # The input gradient of a stride-1 depthwise conv is the forward conv of dy with
             # the taps mirrored: cuDNN's forward kernel does it 2.5x faster than its dgrad
             # (H100, bf16, 32x96x128x128: 0.34 vs 0.87 ms; tools/microbench_kernels.py).
-            dxc = _depthwise_conv7(dy4, wc_mirrored)
+            dx = _library_conv_input_grad(dy4, dw_weight, wc_mirrored, dout, do, dx_dtype,
+                                          conv_impl)
             # The weight gradient reads only dy and x; the weight gives its shape and dtype.
             _, ddw, _ = torch.ops.aten.convolution_backward(
                 dy4, xc, wc_mirrored, [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c,
                 [False, True, False])
-            dx = _empty_nchw_channels_last(x, (n, c, hh, ww), dx_dtype)
-            torch.add(dout, dxc, out=dx)
             ddw = ddw.float().contiguous()
             ddw_b = dy_sum
         else:
@@ -408,7 +456,7 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
         args = (x, None, *block_params(block), float(block.norm.eps), cdt, impl, keep, False)
         return torch.ops.convnext_backbone.block_fwd(*args)[0]
     x_lp, emit = None, False
-    if impl == CONV_CUDNN and x.dtype != cdt:
+    if _library_conv(impl) and x.dtype != cdt:
         x_lp = None if block._forward_pre_hooks else _take_low_precision_copy(x, cdt)
         emit = (bool(getattr(block, "feeds_block", False)) and not _hooks_may_change_output(block)
                 and (not torch.is_inference_mode_enabled() or in_block_sequence()))

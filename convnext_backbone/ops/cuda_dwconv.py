@@ -1,0 +1,252 @@
+"""ConvNeXt's depthwise 7x7 conv as a CUDA kernel (``dwconv7.cu``), built at run time.
+
+cuDNN's depthwise kernels are far from the hardware's limits on NHWC half-precision input
+(an H100 inference step at 128x224^2 spends 2.3 ms of 7.75 in them, where the conv's
+multiply-adds alone need about 0.4 ms), and none of three Triton designs beat them: Triton
+cannot keep a sliding window of input pixels in registers. This kernel does (see the
+source's header); on an H200 it takes 1.89 ms for that step's convs and 5.08 ms, against
+cuDNN's 6.51, for a 32x512^2 training step's forward convs, input-gradient convs and the
+residual adds it fuses.
+
+It is compiled by NVRTC, which CUDA builds of PyTorch ship and load, so nothing is needed
+beyond torch: no nvcc, no build step, no download. Each variant (dtype, output dtype,
+residual, mirrored taps, block shape) is compiled once per process and device capability
+(about 0.2 s), loaded into the device's primary context, and launched through the driver's
+``cuLaunchKernel`` on the current stream.
+
+Where NVRTC or the driver cannot be loaded, or a variant fails to compile or load, the
+kernel is switched off for the process with a warning (`unavailable_reason` says why),
+`supports` answers False, and callers use cuDNN (`depthwise_conv7` raises
+`KernelUnavailable` for the call that found it).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "unavailable_reason", "supports", "depthwise_conv7", "compile_source",
+           "KernelUnavailable", "PIX"]
+
+_SOURCE_PATH = Path(__file__).with_name("dwconv7.cu")
+PIX = 8  # output pixels along W per thread (dwconv7.cu's PIX)
+_VEC = 4  # channels per thread (dwconv7.cu's VEC): one 8-byte load
+_BLOCK_THREADS = 256  # threads per block, rounded down to a multiple of the block's groups
+_lock = threading.Lock()
+_nvrtc: Optional[ctypes.CDLL] = None
+_cuda: Optional[ctypes.CDLL] = None
+_unavailable: Optional[str] = None
+_cubins: Dict[Tuple, bytes] = {}
+_functions: Dict[Tuple, ctypes.c_void_p] = {}
+_modules = []  # loaded modules stay loaded for the life of the process
+_capability: Dict[int, Tuple[int, int]] = {}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run in this process (see `unavailable_reason`); use cuDNN."""
+
+
+def _load_nvrtc() -> ctypes.CDLL:
+    global _nvrtc
+    if _nvrtc is None:
+        major = str(torch.version.cuda or "").split(".")[0]
+        errors = []
+        for name in (f"libnvrtc.so.{major}", "libnvrtc.so"):
+            try:
+                _nvrtc = ctypes.CDLL(name)
+                break
+            except OSError as err:
+                errors.append(str(err))
+        else:
+            raise OSError("; ".join(errors))
+        _nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return _nvrtc
+
+
+def _load_libraries() -> bool:
+    """Whether NVRTC and the CUDA driver load (else `_unavailable` says why)."""
+    global _cuda, _unavailable
+    if _cuda is None and _unavailable is None:
+        try:
+            _load_nvrtc()
+            cuda = ctypes.CDLL("libcuda.so.1")
+            cuda.cuLaunchKernel.argtypes = [
+                ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_void_p]
+            _cuda = cuda
+        except OSError as err:
+            _unavailable = f"cannot load NVRTC or the CUDA driver: {err}"
+    return _cuda is not None
+
+
+def _check_nvrtc(nvrtc: ctypes.CDLL, code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"NVRTC {what} failed: {nvrtc.nvrtcGetErrorString(code).decode()}")
+
+
+def _check_cuda(cuda: ctypes.CDLL, code: int, what: str) -> None:
+    if code != 0:
+        msg = ctypes.c_char_p()
+        cuda.cuGetErrorString(code, ctypes.byref(msg))
+        raise RuntimeError(f"CUDA driver {what} failed ({code}): "
+                           f"{msg.value.decode() if msg.value else 'unknown error'}")
+
+
+def _macros(elem_bf16: bool, out_fp32: bool, residual: int, mirror: bool,
+            groups_per_block: int) -> Dict[str, int]:
+    return {"ELEM_BF16": int(elem_bf16), "OUT_FP32": int(out_fp32), "RESIDUAL": residual,
+            "MIRROR_TAPS": int(mirror), "GROUPS_PER_BLOCK": groups_per_block,
+            "ROWS_PER_BLOCK": _BLOCK_THREADS // groups_per_block}
+
+
+def compile_source(macros: Dict[str, int], arch: str, extra_options: Tuple[str, ...] = ()
+                   ) -> Tuple[bytes, str]:
+    """(cubin, compile log) for one variant, e.g. ``arch="sm_90"``. Needs no GPU."""
+    nvrtc = _load_nvrtc()
+    source = _SOURCE_PATH.read_bytes()
+    prog = ctypes.c_void_p()
+    _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, b"dwconv7.cu",
+                                                 0, None, None), "nvrtcCreateProgram")
+    try:
+        options = [f"--gpu-architecture={arch}", "--std=c++17", "-default-device",
+                   *(f"-D{k}={v}" for k, v in sorted(macros.items())), *extra_options]
+        c_options = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        status = nvrtc.nvrtcCompileProgram(prog, len(options), c_options)
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        log_text = log.value.decode(errors="replace")
+        if status != 0:
+            raise RuntimeError(f"compiling dwconv7.cu for {arch} with {macros} failed:\n{log_text}")
+        _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "GetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin), "GetCUBIN")
+        return cubin.raw, log_text
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _function(device: torch.device, variant: Tuple[bool, bool, int, bool, int]
+              ) -> ctypes.c_void_p:
+    """The loaded kernel for `variant` = `_macros`' arguments, on `device` (with an index)."""
+    key = (device.index, variant)
+    func = _functions.get(key)
+    if func is not None:
+        return func
+    global _unavailable
+    with _lock:
+        func = _functions.get(key)
+        if func is not None:
+            return func
+        if not _load_libraries():
+            raise KernelUnavailable(_unavailable)
+        try:
+            arch = "sm_%d%d" % _capability_of(device)
+            if (arch, variant) not in _cubins:
+                _cubins[arch, variant] = compile_source(_macros(*variant), arch)[0]
+            module, func = ctypes.c_void_p(), ctypes.c_void_p()
+            with torch.cuda.device(device):
+                _check_cuda(_cuda, _cuda.cuModuleLoadData(ctypes.byref(module),
+                                                          _cubins[arch, variant]),
+                            "cuModuleLoadData")
+                _check_cuda(_cuda, _cuda.cuModuleGetFunction(ctypes.byref(func), module,
+                                                             b"dwconv7_nhwc"),
+                            "cuModuleGetFunction")
+        except (RuntimeError, OSError) as err:
+            _unavailable = f"the depthwise-conv CUDA kernel could not be built: {err}"
+            warnings.warn(_unavailable + "; cuDNN runs the depthwise convs instead",
+                          RuntimeWarning, stacklevel=3)
+            raise KernelUnavailable(_unavailable) from err
+        _modules.append(module)
+        _functions[key] = func
+    return func
+
+
+def available() -> bool:
+    """Whether the kernel may run here: NVRTC and the driver load, and no variant has failed
+    to build."""
+    return _load_libraries() and _unavailable is None
+
+
+def unavailable_reason() -> Optional[str]:
+    return _unavailable
+
+
+def supports(x: Tensor) -> bool:
+    """Whether `depthwise_conv7` takes this conv input: a half-precision channels_last CUDA
+    tensor with channels in groups of 4, on a GPU of compute capability 8.0 or newer."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
+            and x.shape[1] % _VEC == 0 and x.numel() < 2**31
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and x.data_ptr() % 8 == 0 and _capability_of(x.device)[0] >= 8
+            and available())
+
+
+def _capability_of(device: torch.device) -> Tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capability.get(index)
+    if cap is None:
+        cap = _capability[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
+def _groups_per_block(groups: int) -> int:
+    # A divisor of the channel groups, so that a block's groups share one set of staged taps.
+    return max(d for d in range(1, min(groups, 16) + 1) if groups % d == 0)
+
+
+def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
+                    residual: Optional[Tensor] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``F.conv2d(x, w, padding=3, groups=C)`` with w = `taps` rounded to x's dtype (as
+    autocast rounds the weight), mirrored in both spatial axes with `mirror` (the conv's
+    input gradient), accumulated in fp32, plus `residual` if given (added in fp32), returned
+    in `out_dtype` (default x's dtype) as a channels_last NCHW tensor.
+
+    x: (N, C, H, W) with `supports(x)`; taps: (C, 1, 7, 7) or (C, 49), any float dtype;
+    residual: x's shape, fp32 or x's dtype."""
+    n, c, h, w = x.shape
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be {x.dtype} or torch.float32, got {out_dtype}")
+    taps = taps.reshape(c, 49)
+    if taps.dtype != torch.float32 or not taps.is_contiguous():
+        taps = taps.float().contiguous()
+    residual_kind = 0
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype not in (torch.float32, x.dtype):
+            raise ValueError("residual must have the input's shape and dtype float32 or "
+                             f"{x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+        residual = residual.contiguous(memory_format=torch.channels_last)
+        residual_kind = 1 if residual.dtype == torch.float32 else 2
+        if residual.data_ptr() % 16:
+            residual = residual.clone(memory_format=torch.channels_last)
+    groups = c // _VEC
+    gpb = _groups_per_block(groups)
+    func = _function(x.device, (x.dtype == torch.bfloat16, out_dtype == torch.float32,
+                                residual_kind, mirror, gpb))
+    out = x.new_empty((n, h, w, c), dtype=out_dtype).permute(0, 3, 1, 2)
+    rows_per_block = _BLOCK_THREADS // gpb
+    strips = (w + PIX - 1) // PIX
+    # The kernel's parameters: 4 pointers, then 5 ints; cuLaunchKernel takes their addresses.
+    pointers = (ctypes.c_uint64 * 4)(x.data_ptr(), taps.data_ptr(),
+                                     residual.data_ptr() if residual is not None else 0,
+                                     out.data_ptr())
+    ints = (ctypes.c_int * 5)(n, h, w, groups, strips)
+    p0, i0 = ctypes.addressof(pointers), ctypes.addressof(ints)
+    params = (ctypes.c_void_p * 9)(p0, p0 + 8, p0 + 16, p0 + 24, i0, i0 + 4, i0 + 8, i0 + 12,
+                                   i0 + 16)
+    code = _cuda.cuLaunchKernel(
+        func, (n * strips * h + rows_per_block - 1) // rows_per_block, groups // gpb, 1,
+        gpb * rows_per_block, 1, 1, 0, torch._C._cuda_getCurrentRawStream(x.device.index),
+        params, None)
+    if code:
+        _check_cuda(_cuda, code, "cuLaunchKernel")
+    return out

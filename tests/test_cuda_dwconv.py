@@ -1,0 +1,214 @@
+"""The depthwise 7x7 conv CUDA kernel (convnext_backbone/ops/dwconv7.cu, cuda_dwconv.py).
+
+CPU (CI): every variant compiles with NVRTC for Ampere and Hopper without spilling and
+within the registers its launch bounds promise (2 blocks of 256 threads per multiprocessor);
+argument errors name what is valid; the switch is parsed strictly; CPU tensors are not
+taken. GPU (`pytest -m gpu` on the device): the kernel against an fp64 conv of the same
+rounded inputs, for each variant and for shapes that exercise partial strips, windows
+larger than the image, and channel counts whose groups do not fill a block; and the block
+uses it, forward and backward, unless ``CONVNEXT_DWCONV=cudnn``.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convnext_backbone import ops
+from convnext_backbone.ops import block as fused_block
+from convnext_backbone.ops import cuda_dwconv
+
+
+def _nvrtc_loads() -> bool:
+    try:
+        cuda_dwconv._load_nvrtc()
+        return True
+    except OSError:
+        return False
+
+
+# (residual kind, fp32 output): the forward conv; the input gradient with an fp32 residual
+# stream, with a half-precision one, and with an fp32 residual but a half-precision dx.
+VARIANTS = [(0, False), (1, True), (2, False), (1, False)]
+
+
+@pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC (libnvrtc) not loadable")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+def test_every_variant_compiles_without_spills(arch, bf16):
+    for residual, out_fp32 in VARIANTS:
+        for mirror in (False, True):
+            for groups_per_block in (12, 1):
+                macros = cuda_dwconv._macros(bf16, out_fp32, residual, mirror, groups_per_block)
+                cubin, log = cuda_dwconv.compile_source(macros, arch, ("--ptxas-options=-v",))
+                assert cubin[:4] == b"\x7fELF", macros
+                assert re.search(r"\b0 bytes spill stores", log), log
+                registers = int(re.search(r"Used (\d+) registers", log).group(1))
+                assert registers <= 128, (macros, registers)  # 2 x 256 threads per SM
+
+
+def test_compile_errors_name_the_variant(monkeypatch, tmp_path):
+    if not _nvrtc_loads():
+        pytest.skip("NVRTC (libnvrtc) not loadable")
+    broken = tmp_path / "dwconv7.cu"
+    broken.write_text("this is not CUDA")
+    monkeypatch.setattr(cuda_dwconv, "_SOURCE_PATH", broken)
+    with pytest.raises(RuntimeError, match="compiling dwconv7.cu for sm_90"):
+        cuda_dwconv.compile_source(cuda_dwconv._macros(True, False, 0, False, 12), "sm_90")
+
+
+def test_argument_errors_name_what_is_valid():
+    x = torch.randn(1, 8, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    taps = torch.randn(8, 1, 7, 7)
+    with pytest.raises(ValueError, match="out_dtype must be torch.bfloat16 or torch.float32"):
+        cuda_dwconv.depthwise_conv7(x, taps, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="residual must have the input's shape"):
+        cuda_dwconv.depthwise_conv7(x, taps, residual=torch.zeros(1, 8, 5, 4))
+    with pytest.raises(ValueError, match="dtype float32 or torch.bfloat16"):
+        cuda_dwconv.depthwise_conv7(x, taps, residual=torch.zeros(1, 8, 5, 5, dtype=torch.float16))
+
+
+def test_cpu_tensors_are_not_taken():
+    x = torch.randn(1, 8, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert not cuda_dwconv.supports(x)
+
+
+def test_conv_switch_is_parsed_strictly(monkeypatch):
+    for name, impl in [("cuda", fused_block.CONV_CUDA), (" CUDNN ", fused_block.CONV_CUDNN),
+                       ("triton", fused_block.CONV_TRITON)]:
+        monkeypatch.setenv("CONVNEXT_DWCONV", name)
+        assert fused_block.conv_impl() == impl
+    monkeypatch.delenv("CONVNEXT_DWCONV")
+    assert fused_block.conv_impl() == fused_block.CONV_CUDA  # the default
+    monkeypatch.setenv("CONVNEXT_DWCONV", "cutlass")
+    with pytest.raises(ValueError, match=r"\['cuda', 'cudnn', 'triton'\], got 'cutlass'"):
+        fused_block.conv_impl()
+
+
+def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch):
+    """A kernel that fails to build is switched off with a warning, and the block's conv
+    goes to cuDNN (here: the generic conv, on CPU, with `supports` forced)."""
+    monkeypatch.setattr(cuda_dwconv, "supports", lambda x: cuda_dwconv.available())
+    monkeypatch.setattr(cuda_dwconv, "_load_libraries", lambda: True)
+    monkeypatch.setattr(cuda_dwconv, "_unavailable", None)
+    monkeypatch.setattr(cuda_dwconv, "_capability_of", lambda device: (9, 0))
+
+    def failing_compile(macros, arch, extra_options=()):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cuda_dwconv, "compile_source", failing_compile)
+    monkeypatch.setattr(cuda_dwconv, "_functions", {})
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 11).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    taps = torch.randn(8, 1, 7, 7)
+    ref = F.conv2d(x, taps.to(torch.bfloat16), padding=3, groups=8)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        y = fused_block._library_conv_forward(x, taps, taps.to(torch.bfloat16),
+                                              fused_block.CONV_CUDA)
+    assert torch.equal(y, ref)
+    assert not cuda_dwconv.available() and "no compiler here" in cuda_dwconv.unavailable_reason()
+    dout = torch.randn(2, 8, 9, 11).contiguous(memory_format=torch.channels_last)
+    dx = fused_block._library_conv_input_grad(
+        x, taps, taps.to(torch.bfloat16).flip(-1, -2), dout,
+        dout.permute(0, 2, 3, 1).reshape(-1, 8), torch.float32, fused_block.CONV_CUDA)
+    torch.testing.assert_close(dx, dout + F.conv2d(x, taps.to(torch.bfloat16).flip(-1, -2),
+                                                   padding=3, groups=8).float())
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+# (N, C, H, W): ConvNeXt-T's stage 1 and 4 at 224^2; a width that is not a multiple of the
+# strip (8) with C=200 (50 groups: 10 per block); 23 groups (1 per block); an image smaller
+# than the window; one pixel.
+SHAPES = [(2, 96, 56, 56), (1, 768, 7, 7), (3, 200, 13, 21), (2, 92, 9, 17), (2, 20, 3, 2),
+          (1, 4, 1, 1)]
+
+
+def _reference(x: torch.Tensor, taps: torch.Tensor, mirror: bool) -> torch.Tensor:
+    w = taps.to(x.dtype).double()
+    if mirror:
+        w = w.flip(-1, -2)
+    return F.conv2d(x.double(), w, padding=3, groups=x.shape[1])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("residual,out_fp32", VARIANTS)
+@pytest.mark.parametrize("mirror", [False, True], ids=["fwd", "mirrored"])
+def test_gpu_kernel_matches_fp64_conv(dtype, residual, out_fp32, mirror):
+    torch.manual_seed(0)
+    for n, c, h, w in SHAPES:
+        x = torch.randn(n, c, h, w, device="cuda").to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        taps = torch.randn(c, 1, 7, 7, device="cuda") * 0.2
+        ref = _reference(x, taps, mirror)
+        res = None
+        if residual:
+            res = torch.randn(n, c, h, w, device="cuda",
+                              dtype=torch.float32 if residual == 1 else dtype)
+            ref = ref + res.double()
+        out_dtype = torch.float32 if out_fp32 else None
+        y = cuda_dwconv.depthwise_conv7(x, taps, mirror=mirror, residual=res, out_dtype=out_dtype)
+        assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == (torch.float32 if out_fp32 else dtype)
+        if out_fp32:  # only the fp32 summation order differs
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        else:  # one rounding of the fp32 sum to the half-precision type
+            assert torch.equal(y, ref.to(dtype)) or (
+                (y.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all(), (n, c, h, w)
+
+
+@gpu
+def test_gpu_kernel_matches_cudnn_and_takes_any_residual_layout():
+    torch.manual_seed(0)
+    x = torch.randn(4, 96, 28, 28, device="cuda").to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    taps = torch.randn(96, 1, 7, 7, device="cuda") * 0.2
+    cudnn = fused_block._depthwise_conv7(x, taps.to(torch.bfloat16))
+    ours = cuda_dwconv.depthwise_conv7(x, taps)
+    # Both round one fp32 sum; the order of the sums may differ in the last fp32 bit.
+    assert (ours.float() - cudnn.float()).abs().max() <= cudnn.float().abs().max() * 2 ** -7
+    res = torch.randn(4, 96, 28, 28, device="cuda")  # NCHW-contiguous: taken as it is
+    y = cuda_dwconv.depthwise_conv7(x, taps, mirror=True, residual=res, out_dtype=torch.float32)
+    torch.testing.assert_close(y.double(), _reference(x, taps, True) + res.double(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["cuda", "cudnn"])
+def test_gpu_block_uses_the_kernel_forward_and_backward(impl, monkeypatch):
+    """Under bf16 autocast the fast block's forward conv and its input-gradient conv (with
+    the residual gradient added) run the CUDA kernel, and match the reference block; with
+    ``CONVNEXT_DWCONV=cudnn`` they do not run it and still match."""
+    from convnext_backbone.modeling import ConvNextBlock
+
+    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 0)
+    monkeypatch.setenv("CONVNEXT_DWCONV", impl)
+    calls = []
+    real = cuda_dwconv.depthwise_conv7
+
+    def counting(x, taps, **kw):
+        calls.append(kw.get("mirror", False))
+        return real(x, taps, **kw)
+
+    monkeypatch.setattr(cuda_dwconv, "depthwise_conv7", counting)
+    torch.manual_seed(0)
+    block = ConvNextBlock(96, layer_scale_init_value=0.5).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 96, 24, 40, device="cuda").contiguous(memory_format=torch.channels_last)
+    res = {}
+    for fast in (True, False):
+        xi = x.clone().requires_grad_(True)
+        with ops.fast_path(fast), torch.autocast("cuda", torch.bfloat16):
+            out = block(xi)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+        res[fast] = (out.detach().float(), xi.grad, {n: p.grad.clone() for n, p in block.named_parameters()})
+        block.zero_grad(set_to_none=True)
+    assert calls == ([False, True] if impl == "cuda" else [])
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
+    assert rel(res[True][0], res[False][0]) <= 1e-2
+    assert rel(res[True][1], res[False][1]) <= 1e-2
+    for n in res[False][2]:
+        assert rel(res[True][2][n], res[False][2][n]) <= 1e-2, n
