@@ -59,9 +59,9 @@ def conv_impl() -> int:
 
     Default ``cuda``: this package's CUDA kernel (`cuda_dwconv`, built by NVRTC) for
     half-precision channels_last input with channels in groups of 4, cuDNN for the rest and
-    for the weight gradient. On an H200 (bf16, ConvNeXt-T shapes) it takes 1.89 ms of
-    depthwise conv per 128x224^2 inference step against cuDNN's 2.30, and 5.08 ms against
-    6.51 for a 32x512^2 training step's forward convs, input-gradient convs and residual
+    for the weight gradient. On an H100 (bf16, ConvNeXt-T shapes) it takes 1.82 ms of
+    depthwise conv per 128x224^2 inference step against cuDNN's 2.29, and 4.41 ms against
+    6.70 for a 32x512^2 training step's forward convs, input-gradient convs and residual
     adds (the kernel adds the residual). ``cudnn`` uses cuDNN alone. ``triton``: the Triton
     conv kernels were on par with cuDNN at C=96/192/768 but pathologically slow at C=384
     (6.9 ms against 0.19 ms for 32x384x32x32 on an H100)."""

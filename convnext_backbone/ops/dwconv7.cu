@@ -6,26 +6,28 @@
 //   RESIDUAL          0: none; 1: an fp32 tensor added to the fp32 sum; 2: one in the input's type
 //   MIRROR_TAPS       1: the taps are used mirrored (the conv's input gradient)
 //   GROUPS_PER_BLOCK  channel groups (of VEC channels) a thread block covers
-//   ROWS_PER_BLOCK    strips a thread block covers per channel group
+//   TILE_ROWS         output rows a thread block covers (one strip of PIX pixels wide)
 //
-// Each thread owns VEC channels (one 8-byte load) and a strip of PIX neighbouring output
-// pixels of one row. For each of the 7 input rows it loads the PIX + 6 pixels once, and each
-// loaded value feeds up to 7 fused multiply-adds from registers. The block stages its
-// channels' taps in shared memory once, rounded to the input's type as autocast rounds the
-// fp32 weight. A block's threads take consecutive output rows of one strip, so the input
-// rows they share are read from L1.
+// A thread block first copies its input tile (TILE_ROWS + 6 rows by PIX + 6 pixels by its
+// channels) into shared memory with cp.async: every load of the tile in flight at once,
+// pixels outside the image zero-filled (the padding). Its channels' taps are staged next
+// to it, rounded to the input's type as autocast rounds the fp32 weight. Then each thread
+// computes VEC channels of PIX neighbouring output pixels of one row: for each of the 7
+// input rows it reads the PIX + 6 pixels once, and each value feeds up to 7 fused
+// multiply-adds from registers.
 //
-// Measured on an H200 (.perf sweep, README "Speed"): 4 channels and 8 pixels per thread,
-// 256 threads and at most 128 registers (2 blocks per multiprocessor) was the fastest of
-// 8 or 4 channels, 4, 7, 8 or 16 pixels, 128 to 512 threads, 2D tiles of strips, the next
-// row prefetched into registers, and the row loop unrolled.
+// Measured on H100/H200 (.perf sweeps, README "Speed and memory"): this tiled form with 4
+// channels, 8 pixels, up to 16 rows and 12 groups per block was the fastest; the same
+// thread work reading its rows straight from global memory (through L1) took 8% longer in
+// inference and 18% longer in training, with 8 channels per thread (221 registers) it was
+// only on par with cuDNN, and 4/6/7/16 pixels, 128-512 threads, 2D tiles of strips, the
+// next row prefetched into registers and the row loop unrolled were all slower.
 
 typedef unsigned int u32;
 
 #define TAPS 49
 #define VEC 4
 #define PIX 8
-#define MIN_BLOCKS_PER_SM 2
 
 #if RESIDUAL == 1
 typedef float residual_t;
@@ -70,59 +72,76 @@ __device__ __forceinline__ void unpack(const uint2 v, float (&f)[VEC]) {
   lo_hi_to_float(v.y, f[2], f[3]);
 }
 
-extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * ROWS_PER_BLOCK, MIN_BLOCKS_PER_SM)
+#define TILE_COLS (PIX + 6)
+#define ROW_STRIDE (TILE_COLS * GROUPS_PER_BLOCK + 4)  // in uint2; +32 B against bank conflicts
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * TILE_ROWS)
 dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
              const residual_t* __restrict__ residual, out_t* __restrict__ out,
              int images, int height, int width, int groups, int strips) {
   __shared__ __align__(16) float tap_tile[TAPS][GROUPS_PER_BLOCK * VEC];
+  __shared__ __align__(16) uint2 in_tile[(TILE_ROWS + 6) * ROW_STRIDE];
   const int group_in_block = threadIdx.x % GROUPS_PER_BLOCK;
   const int row_in_block = threadIdx.x / GROUPS_PER_BLOCK;
   const int first_group = blockIdx.y * GROUPS_PER_BLOCK;
+  // Blocks are (image, strip, row tile), the row tile varying fastest.
+  const int row_tiles = (height + TILE_ROWS - 1) / TILE_ROWS;
+  const int image = blockIdx.x / (strips * row_tiles);
+  const int rest = blockIdx.x - image * strips * row_tiles;
+  const int first_col = (rest / row_tiles) * PIX;
+  const int first_row = (rest % row_tiles) * TILE_ROWS;
 
-  // taps: (C, 49) fp32, row-major; read along the taps so the loads coalesce.
+  const uint2* image_x = x + (long long)image * height * width * groups + first_group;
+  for (int e = threadIdx.x; e < (TILE_ROWS + 6) * TILE_COLS * GROUPS_PER_BLOCK; e += blockDim.x) {
+    const int g = e % GROUPS_PER_BLOCK, pix = e / GROUPS_PER_BLOCK;
+    const int c = pix % TILE_COLS, r = pix / TILE_COLS;
+    const int in_row = first_row - 3 + r, in_col = first_col - 3 + c;
+    const bool inside = in_row >= 0 && in_row < height && in_col >= 0 && in_col < width;
+    // src-size 0 writes zeros and reads nothing; the address is then any valid one.
+    const uint2* src = inside ? image_x + ((long long)in_row * width + in_col) * groups + g : x;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::
+                 "r"(shared_address(&in_tile[r * ROW_STRIDE + c * GROUPS_PER_BLOCK + g])),
+                 "l"(src), "r"(inside ? 8 : 0));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
   const float* block_taps = taps + (long long)first_group * VEC * TAPS;
   for (int i = threadIdx.x; i < TAPS * GROUPS_PER_BLOCK * VEC; i += blockDim.x) {
     const int channel = i / TAPS, tap = i - channel * TAPS;
     tap_tile[MIRROR_TAPS ? TAPS - 1 - tap : tap][channel] = round_to_elem(block_taps[i]);
   }
+  asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
 
-  // Work items are (image, strip, output row), the row varying fastest.
-  const long long item = (long long)blockIdx.x * ROWS_PER_BLOCK + row_in_block;
-  if (item >= (long long)images * strips * height) return;
-  const int out_row = (int)(item % height);
-  const long long image_strip = item / height;
-  const int first_col = (int)(image_strip % strips) * PIX;
-  const int image = (int)(image_strip / strips);
+  const int out_row = first_row + row_in_block;
+  if (out_row >= height) return;  // the last row tile's rows below the image
   const int group = first_group + group_in_block;
-
   float acc[PIX][VEC];
 #pragma unroll
   for (int p = 0; p < PIX; ++p)
 #pragma unroll
     for (int c = 0; c < VEC; ++c) acc[p][c] = 0.f;
-
 #pragma unroll 1
   for (int kh = 0; kh < 7; ++kh) {
-    const int in_row = out_row + kh - 3;
-    if (in_row < 0 || in_row >= height) continue;
     float w[7][VEC];
 #pragma unroll
     for (int kw = 0; kw < 7; ++kw) {
       const float4 t = *reinterpret_cast<const float4*>(&tap_tile[kh * 7 + kw][group_in_block * VEC]);
       w[kw][0] = t.x; w[kw][1] = t.y; w[kw][2] = t.z; w[kw][3] = t.w;
     }
-    const uint2* row = x + ((long long)image * height + in_row) * width * groups + group;
+    const uint2* row = in_tile + (row_in_block + kh) * ROW_STRIDE + group_in_block;
 #pragma unroll
-    for (int j = 0; j < PIX + 6; ++j) {
-      const int in_col = first_col - 3 + j;
-      uint2 v = make_uint2(0u, 0u);
-      if (in_col >= 0 && in_col < width) v = __ldg(row + (long long)in_col * groups);
+    for (int j = 0; j < TILE_COLS; ++j) {
       float f[VEC];
-      unpack(v, f);
+      unpack(row[j * GROUPS_PER_BLOCK], f);
 #pragma unroll
       for (int kw = 0; kw < 7; ++kw) {
-        const int p = j - kw;  // the output pixel this input pixel meets through tap kw
+        const int p = j - kw;
         if (p >= 0 && p < PIX) {
 #pragma unroll
           for (int c = 0; c < VEC; ++c) acc[p][c] = fmaf(w[kw][c], f[c], acc[p][c]);
@@ -130,7 +149,6 @@ dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
       }
     }
   }
-
   const long long channels = (long long)groups * VEC;
   const long long row_base =
       (((long long)image * height + out_row) * width) * channels + (long long)group * VEC;
