@@ -219,6 +219,11 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
 
     x: (N, C, H, W) with `supports(x)`; taps: (C, 1, 7, 7) or (C, 49), any float dtype;
     residual: x's shape, fp32 or x's dtype."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        # The launch goes to the current context: make it x's device's (aten ops do the same).
+        with torch.cuda.device(x.device):
+            return depthwise_conv7(x, taps, mirror=mirror, residual=residual,
+                                   out_dtype=out_dtype)
     n, c, h, w = x.shape
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in (x.dtype, torch.float32):
