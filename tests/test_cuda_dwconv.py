@@ -197,15 +197,18 @@ def test_gpu_block_uses_the_kernel_forward_and_backward(impl, monkeypatch):
 
     monkeypatch.setattr(cuda_dwconv, "depthwise_conv7", counting)
     torch.manual_seed(0)
-    block = ConvNextBlock(96, layer_scale_init_value=0.5).cuda().to(memory_format=torch.channels_last)
+    block = ConvNextBlock(96, layer_scale_init_value=0.5).cuda().to(
+        memory_format=torch.channels_last)
     x = torch.randn(2, 96, 24, 40, device="cuda").contiguous(memory_format=torch.channels_last)
     res = {}
     for fast in (True, False):
         xi = x.clone().requires_grad_(True)
         with ops.fast_path(fast), torch.autocast("cuda", torch.bfloat16):
             out = block(xi)
-        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
-        res[fast] = (out.detach().float(), xi.grad, {n: p.grad.clone() for n, p in block.named_parameters()})
+        weights = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+        (out.float() * weights).sum().backward()
+        res[fast] = (out.detach().float(), xi.grad,
+                     {n: p.grad.clone() for n, p in block.named_parameters()})
         block.zero_grad(set_to_none=True)
     assert calls == ([False, True] if impl == "cuda" else [])
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())

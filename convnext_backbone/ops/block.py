@@ -14,14 +14,15 @@ In bf16/fp16 at widths <= 256 everything after the conv is one Triton kernel
 (`_kernels.ln_mlp_residual`): xn, gelu(h) and z never reach memory, and h is written only
 when backward needs it. Wider blocks, and fp32 (exact cuBLAS products wanted), run a
 Triton LayerNorm, cuBLAS addmm, aten gelu and one addcmul.
-Saved for backward: the conv input (x, or its bf16 copy with cuDNN under autocast), y, h,
-mean, rstd. Backward: GELU backward in Triton (also giving gelu(h) and pwconv1's bias
-gradient in the same pass), LayerNorm backward in Triton (rebuilding xn and, with cuDNN,
-summing the conv bias gradient), the conv's input gradient as a forward conv with mirrored
-taps (`CONVNEXT_DWCONV=cuda`, default: the CUDA kernel, which also adds the residual's
-gradient; `=cudnn`: cuDNN, the taps mirrored by the launch that casts the weights) and its
-weight gradient with cuDNN, or both with Triton (`=triton`). The backward kernels' column sums (dout's,
-dh's, the LayerNorm's) share one buffer and one reduction launch (`_kernels.ColumnSums`).
+Saved for backward: the conv input (x, or its bf16 copy when the CUDA kernel or cuDNN
+convolves under autocast), y, h, mean, rstd. Backward: GELU backward in Triton (also giving
+gelu(h) and pwconv1's bias gradient in the same pass), LayerNorm backward in Triton
+(rebuilding xn and, outside the Triton conv, summing the conv bias gradient), the conv's
+input gradient as a forward conv with mirrored taps (`CONVNEXT_DWCONV=cuda`, default: the
+CUDA kernel, which also adds the residual's gradient; `=cudnn`: cuDNN, the taps mirrored
+by the launch that casts the weights) and its weight gradient with cuDNN, or both with
+Triton (`=triton`). The backward kernels' column sums (dout's, dh's, the LayerNorm's)
+share one buffer and one reduction launch (`_kernels.ColumnSums`).
 Not saved: xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's
 gradient is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product
 that W2's gradient needs anyway). No matmul is recomputed.
@@ -140,7 +141,7 @@ def _library_conv_input_grad(dy4: Tensor, dw_weight: Tensor, mirrored_c: Tensor,
 
 def _y_lacks_conv_bias(c: int, cdt: torch.dtype, conv_impl: int) -> bool:
     """Whether the saved conv output y excludes the conv bias (then added on the fly by the
-    kernel reading y): always with cuDNN, and with the fused MLP kernel."""
+    kernel reading y): always outside the Triton conv, and with the fused MLP kernel."""
     from . import _kernels
 
     return _library_conv(conv_impl) or _kernels.ln_mlp_supported(c, cdt)

@@ -11,8 +11,8 @@ step's forward convs, input-gradient convs and the residual adds it fuses.
 It is compiled by NVRTC, which CUDA builds of PyTorch ship and load, so nothing is needed
 beyond torch: no nvcc, no build step, no download. Each variant (dtype, output dtype,
 residual, mirrored taps, block shape, which follows the image height) is compiled once per
-process and device capability (about 0.2 s), loaded into the device's primary context, and launched through the driver's
-``cuLaunchKernel`` on the current stream.
+process and device capability (about 0.2 s), loaded into the device's primary context,
+and launched through the driver's ``cuLaunchKernel`` on the current stream.
 
 Where NVRTC or the driver cannot be loaded, or a variant fails to compile or load, the
 kernel is switched off for the process with a warning (`unavailable_reason` says why),

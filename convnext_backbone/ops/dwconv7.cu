@@ -131,7 +131,8 @@ dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
     float w[7][VEC];
 #pragma unroll
     for (int kw = 0; kw < 7; ++kw) {
-      const float4 t = *reinterpret_cast<const float4*>(&tap_tile[kh * 7 + kw][group_in_block * VEC]);
+      const float4 t =
+          *reinterpret_cast<const float4*>(&tap_tile[kh * 7 + kw][group_in_block * VEC]);
       w[kw][0] = t.x; w[kw][1] = t.y; w[kw][2] = t.z; w[kw][3] = t.w;
     }
     const uint2* row = in_tile + (row_in_block + kh) * ROW_STRIDE + group_in_block;
