@@ -10,8 +10,8 @@ step's forward convs, input-gradient convs and the residual adds it fuses.
 
 It is compiled by NVRTC, which CUDA builds of PyTorch ship and load, so nothing is needed
 beyond torch: no nvcc, no build step, no download. Each variant (dtype, output dtype,
-residual, mirrored taps, block shape, which follows the image height) is compiled once per
-process and device capability (about 0.2 s), loaded into the device's primary context,
+residual, mirrored taps, channels per block) is compiled once per process and device
+capability (about 0.2 s), loaded into the device's primary context,
 and launched through the driver's ``cuLaunchKernel`` on the current stream.
 
 Where NVRTC or the driver cannot be loaded, or a variant fails to compile or load, the
@@ -36,8 +36,8 @@ __all__ = ["available", "unavailable_reason", "supports", "depthwise_conv7", "co
 _SOURCE_PATH = Path(__file__).with_name("dwconv7.cu")
 PIX = 8  # output pixels along W per thread (dwconv7.cu's PIX)
 _VEC = 4  # channels per thread (dwconv7.cu's VEC): one 8-byte load
-_MAX_GROUPS_PER_BLOCK = 12  # with 16 rows: 39.7 KB of static shared memory (48 KB allowed)
-_MAX_TILE_ROWS = 16
+_MAX_GROUPS_PER_BLOCK = 12  # with 16 rows: 39.7 KB of shared memory (48 KB without opt-in)
+_MAX_TILE_ROWS = 16  # dwconv7.cu's MAX_TILE_ROWS
 _lock = threading.Lock()
 _nvrtc: Optional[ctypes.CDLL] = None
 _cuda: Optional[ctypes.CDLL] = None
@@ -100,10 +100,9 @@ def _check_cuda(cuda: ctypes.CDLL, code: int, what: str) -> None:
 
 
 def _macros(elem_bf16: bool, out_fp32: bool, residual: int, mirror: bool,
-            groups_per_block: int, tile_rows: int) -> Dict[str, int]:
+            groups_per_block: int) -> Dict[str, int]:
     return {"ELEM_BF16": int(elem_bf16), "OUT_FP32": int(out_fp32), "RESIDUAL": residual,
-            "MIRROR_TAPS": int(mirror), "GROUPS_PER_BLOCK": groups_per_block,
-            "TILE_ROWS": tile_rows}
+            "MIRROR_TAPS": int(mirror), "GROUPS_PER_BLOCK": groups_per_block}
 
 
 def compile_source(macros: Dict[str, int], arch: str, extra_options: Tuple[str, ...] = ()
@@ -134,7 +133,7 @@ def compile_source(macros: Dict[str, int], arch: str, extra_options: Tuple[str, 
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def _function(device: torch.device, variant: Tuple[bool, bool, int, bool, int, int]
+def _function(device: torch.device, variant: Tuple[bool, bool, int, bool, int]
               ) -> ctypes.c_void_p:
     """The loaded kernel for `variant` = `_macros`' arguments, on `device` (with an index)."""
     key = (device.index, variant)
@@ -203,6 +202,11 @@ def _groups_per_block(groups: int) -> int:
     return max(d for d in range(1, min(groups, _MAX_GROUPS_PER_BLOCK) + 1) if groups % d == 0)
 
 
+def _tile_bytes(groups_per_block: int, tile_rows: int) -> int:
+    # dwconv7.cu's input tile: (tile_rows + 6) rows of ROW_STRIDE 8-byte entries.
+    return (tile_rows + 6) * ((PIX + 6) * groups_per_block + 4) * 8
+
+
 def _tile_rows(height: int) -> int:
     # As many rows as evenly split the image into tiles of at most _MAX_TILE_ROWS (56 -> 14).
     tiles = -(-height // _MAX_TILE_ROWS)
@@ -243,19 +247,20 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
     groups = c // _VEC
     gpb, tile_rows = _groups_per_block(groups), _tile_rows(h)
     func = _function(x.device, (x.dtype == torch.bfloat16, out_dtype == torch.float32,
-                                residual_kind, mirror, gpb, tile_rows))
+                                residual_kind, mirror, gpb))
     out = x.new_empty((n, h, w, c), dtype=out_dtype).permute(0, 3, 1, 2)
     strips = (w + PIX - 1) // PIX
-    # The kernel's parameters: 4 pointers, then 5 ints; cuLaunchKernel takes their addresses.
+    # The kernel's parameters: 4 pointers, then 6 ints; cuLaunchKernel takes their addresses.
     pointers = (ctypes.c_uint64 * 4)(x.data_ptr(), taps.data_ptr(),
                                      residual.data_ptr() if residual is not None else 0,
                                      out.data_ptr())
-    ints = (ctypes.c_int * 5)(n, h, w, groups, strips)
+    ints = (ctypes.c_int * 6)(n, h, w, groups, strips, tile_rows)
     p0, i0 = ctypes.addressof(pointers), ctypes.addressof(ints)
-    params = (ctypes.c_void_p * 9)(p0, p0 + 8, p0 + 16, p0 + 24, i0, i0 + 4, i0 + 8, i0 + 12,
-                                   i0 + 16)
+    params = (ctypes.c_void_p * 10)(p0, p0 + 8, p0 + 16, p0 + 24, i0, i0 + 4, i0 + 8, i0 + 12,
+                                    i0 + 16, i0 + 20)
     code = _cuda.cuLaunchKernel(
-        func, n * strips * (-(-h // tile_rows)), groups // gpb, 1, gpb * tile_rows, 1, 1, 0,
+        func, n * strips * (-(-h // tile_rows)), groups // gpb, 1, gpb * tile_rows, 1, 1,
+        _tile_bytes(gpb, tile_rows),
         torch._C._cuda_getCurrentRawStream(x.device.index), params, None)
     if code:
         _check_cuda(_cuda, code, "cuLaunchKernel")

@@ -6,9 +6,11 @@
 //   RESIDUAL          0: none; 1: an fp32 tensor added to the fp32 sum; 2: one in the input's type
 //   MIRROR_TAPS       1: the taps are used mirrored (the conv's input gradient)
 //   GROUPS_PER_BLOCK  channel groups (of VEC channels) a thread block covers
-//   TILE_ROWS         output rows a thread block covers (one strip of PIX pixels wide)
+// and these run-time parameters besides the tensors' sizes:
+//   tile_rows         output rows a thread block covers (one strip of PIX pixels wide), at
+//                     most MAX_TILE_ROWS; the block has GROUPS_PER_BLOCK * tile_rows threads
 //
-// A thread block first copies its input tile (TILE_ROWS + 6 rows by PIX + 6 pixels by its
+// A thread block first copies its input tile (tile_rows + 6 rows by PIX + 6 pixels by its
 // channels) into shared memory with cp.async: every load of the tile in flight at once,
 // pixels outside the image zero-filled (the padding). Its channels' taps are staged next
 // to it, rounded to the input's type as autocast rounds the fp32 weight. Then each thread
@@ -72,8 +74,11 @@ __device__ __forceinline__ void unpack(const uint2 v, float (&f)[VEC]) {
   lo_hi_to_float(v.y, f[2], f[3]);
 }
 
+#define MAX_TILE_ROWS 16
 #define TILE_COLS (PIX + 6)
 #define ROW_STRIDE (TILE_COLS * GROUPS_PER_BLOCK + 4)  // in uint2; +32 B against bank conflicts
+// The host computes the tile's shared memory as (tile_rows + 6) * ROW_STRIDE * 8 bytes
+// (cuda_dwconv._tile_bytes).
 
 __device__ __forceinline__ unsigned shared_address(const void* p) {
   unsigned a;
@@ -81,24 +86,26 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
   return a;
 }
 
-extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * TILE_ROWS)
+extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * MAX_TILE_ROWS)
 dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
              const residual_t* __restrict__ residual, out_t* __restrict__ out,
-             int images, int height, int width, int groups, int strips) {
+             int images, int height, int width, int groups, int strips, int tile_rows) {
   __shared__ __align__(16) float tap_tile[TAPS][GROUPS_PER_BLOCK * VEC];
-  __shared__ __align__(16) uint2 in_tile[(TILE_ROWS + 6) * ROW_STRIDE];
+  // (tile_rows + 6) * ROW_STRIDE entries, sized at launch: small images keep more blocks
+  // resident.
+  extern __shared__ __align__(16) uint2 in_tile[];
   const int group_in_block = threadIdx.x % GROUPS_PER_BLOCK;
   const int row_in_block = threadIdx.x / GROUPS_PER_BLOCK;
   const int first_group = blockIdx.y * GROUPS_PER_BLOCK;
   // Blocks are (image, strip, row tile), the row tile varying fastest.
-  const int row_tiles = (height + TILE_ROWS - 1) / TILE_ROWS;
+  const int row_tiles = (height + tile_rows - 1) / tile_rows;
   const int image = blockIdx.x / (strips * row_tiles);
   const int rest = blockIdx.x - image * strips * row_tiles;
   const int first_col = (rest / row_tiles) * PIX;
-  const int first_row = (rest % row_tiles) * TILE_ROWS;
+  const int first_row = (rest % row_tiles) * tile_rows;
 
   const uint2* image_x = x + (long long)image * height * width * groups + first_group;
-  for (int e = threadIdx.x; e < (TILE_ROWS + 6) * TILE_COLS * GROUPS_PER_BLOCK; e += blockDim.x) {
+  for (int e = threadIdx.x; e < (tile_rows + 6) * TILE_COLS * GROUPS_PER_BLOCK; e += blockDim.x) {
     const int g = e % GROUPS_PER_BLOCK, pix = e / GROUPS_PER_BLOCK;
     const int c = pix % TILE_COLS, r = pix / TILE_COLS;
     const int in_row = first_row - 3 + r, in_col = first_col - 3 + c;
