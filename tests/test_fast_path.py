@@ -503,7 +503,7 @@ def test_stem_kernel_and_dispatch_in_triton_interpreter():
         # (CPU autocast keeps the LayerNorm's output in fp16; CUDA's makes it fp32 and the
         # copy worth handing on: emulated here.)
         from convnext_backbone.ops import stem as fs
-        fs._out_dtype = lambda t, cdt: torch.float32
+        fs.output_dtype = lambda t, cdt: torch.float32
         attached, taken = [], []
         attach, take = ops.attach_low_precision_copy, fb._take_low_precision_copy
         ops.attach_low_precision_copy = lambda t, c: attached.append(t) or attach(t, c)

@@ -9,11 +9,10 @@ reference path. On CPU, fp32 inference blocks (no autograd) run their pointwise 
 through oneDNN's fused linear ops instead (`use_cpu_path`, `convnext_backbone.ops.cpu`).
 The blocks' depthwise 7x7 convs run this package's CUDA kernel (`cuda_dwconv`, built at
 run time by NVRTC) for half-precision input, cuDNN otherwise. `LayerNorm2d` (stem,
-downsampling, output norms) takes Triton
-kernels for channels_last CUDA tensors in eager mode (`use_fast_layer_norm`), and under
-half-precision autocast the model's whole stem (patch conv + LayerNorm) is one Triton
-kernel (`use_fast_stem`, `convnext_backbone.ops.stem`). Parameter names and checkpoints
-are the same on both paths.
+downsampling, output norms) takes Triton kernels for channels_last CUDA tensors in eager
+mode (`use_fast_layer_norm`), and under half-precision autocast the model's whole stem
+(patch conv + LayerNorm) is one Triton kernel (`use_fast_stem`,
+`convnext_backbone.ops.stem`). Parameter names and checkpoints are the same on both paths.
 
 Switches (for benchmarks and debugging):
   - environment variable ``CONVNEXT_FAST_PATH=0`` turns the fast path off (read at import

@@ -790,7 +790,8 @@ def _stem_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, out_ptr, lp_ptr, y_ptr, 
     kh = (k // PATCH) % PATCH
     kw = k % PATCH
     src = ((n.to(tl.int64) * sN)[:, None] + (ci * sC)[None, :]
-           + ((ph * PATCH)[:, None] + kh[None, :]) * sH + ((pw * PATCH)[:, None] + kw[None, :]) * sW)
+           + ((ph * PATCH)[:, None] + kh[None, :]) * sH
+           + ((pw * PATCH)[:, None] + kw[None, :]) * sW)
     cdt = lp_ptr.dtype.element_ty
     a = tl.load(x_ptr + src, mask=rmask[:, None] & kmask[None, :], other=0.0).to(cdt)
     c = tl.arange(0, BLOCK_N)

@@ -54,10 +54,15 @@ class _LayerNorm2dFunction(torch.autograd.Function):
                 db.to(bias.dtype), None, None, None)
 
 
+def output_dtype(x: Tensor, input_dtype: torch.dtype) -> torch.dtype:
+    """F.layer_norm's output dtype for an input of `input_dtype` on x's device: fp32 under
+    CUDA autocast, else the input's."""
+    return torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else input_dtype
+
+
 def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """LayerNorm over the channels of a channels_last (N, C, H, W) tensor."""
-    # F.layer_norm runs in fp32 under CUDA autocast; elsewhere it keeps the input's dtype.
-    out_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    out_dtype = output_dtype(x, x.dtype)
     keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or bias.requires_grad)
     if not keep:  # nothing for autograd to record: skip the Function's per-call work

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .layer_norm import _rows
+from .layer_norm import _rows, output_dtype
 
 
 def _stem_fwd(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
@@ -79,17 +79,11 @@ class _StemFunction(torch.autograd.Function):
                 dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), None, None, None, None)
 
 
-def _out_dtype(x: Tensor, cdt: torch.dtype) -> torch.dtype:
-    """As `layer_norm.layer_norm_2d` (F.layer_norm's dtype there): fp32 under CUDA autocast,
-    else its input's, the conv output's dtype `cdt`."""
-    return torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else cdt
-
-
 def stem_forward(conv: torch.nn.Conv2d, norm: torch.nn.LayerNorm, x: Tensor, cdt: torch.dtype,
                  emit_lp: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(LayerNorm2d(conv(x)), its `cdt` copy or None): the stem's output in the reference's
     dtype, and with `emit_lp` its copy in the compute dtype `cdt` when that differs."""
-    out_dtype = _out_dtype(x, cdt)
+    out_dtype = output_dtype(x, cdt)  # the LayerNorm's, on the conv output (dtype cdt)
     emit_lp = emit_lp and out_dtype != cdt
     params = (conv.weight, conv.bias, norm.weight, norm.bias)
     keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
