@@ -260,13 +260,21 @@ class ConvNextPreTrainedModel(nn.Module):
                 return _ops.stem_forward(conv, norm, x, feeds_block)
         return stem(x)
 
+    def _run_downsample(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.downsample_layers[i]
+        if len(layer) == 2 and type(layer[0]) is LayerNorm2d and type(layer[1]) is nn.Conv2d:
+            norm, conv = layer
+            if _ops.use_fast_downsample(layer, norm, conv, x):  # LayerNorm in the conv's dtype
+                return _ops.downsample_forward(norm, conv, x)
+        return layer(x)
+
     def _forward_trunk(self, x: torch.Tensor, num_stages: int) -> List[torch.Tensor]:
         """Outputs of `stage_names[: num_stages + 1]`: the stem, then each stage."""
         x = self._run_stem(x, feeds_block=num_stages > 0)
         outputs = [x]
         for i in range(num_stages):
             if i > 0:
-                x = self.downsample_layers[i](x)
+                x = self._run_downsample(i, x)
             x = self._run_blocks(i, x)
             outputs.append(x)
         # The stem's copy for the first block, if that block did not take it.

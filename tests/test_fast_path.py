@@ -436,6 +436,63 @@ def check_ln_mlp(P: int, C: int, device: str, dtype: torch.dtype, tol: float) ->
     assert max(errs) < tol, (P, C, errs)
 
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from convnext_backbone.ops._kernels import _gelu
+
+    @triton.jit
+    def _gelu_values_kernel(h_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, _gelu(tl.load(h_ptr + i, mask=i < n)), mask=i < n)
+
+
+def check_gelu(device: str) -> None:
+    """The kernels' exact GELU (`_kernels._gelu`, erfc in its exponential form, MUFU ex2 and
+    rcp on the GPU) at every normal bf16 value |h| < 20 against h/2 erfc(-h/sqrt2) in fp64:
+    fp32 relative error <= 2e-6 for h >= -4 and <= 1e-5 down to h = -9 (the exponent's
+    rounding grows with h^2; below, the value is under 1e-18), and rounded to bf16 the
+    correctly rounded GELU at all but 16 of the values where Phi(h) is a normal float, one
+    unit off there. Imported by the interpreter test's subprocess."""
+    import math
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    h = bits.view(torch.bfloat16).float()
+    h = h[torch.isfinite(h) & (h.abs() < 20) & (h.abs() > 1e-37)]
+    exact = torch.tensor([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in h.double().tolist()],
+                         dtype=torch.float64)
+    out = torch.empty_like(h, device=device)
+    _gelu_values_kernel[(triton.cdiv(h.numel(), 1024),)](h.to(device), out, h.numel(), BLOCK=1024)
+    out = out.cpu()
+    upper = h > -9
+    rel = (out.double() - exact).abs() / exact.abs().clamp_min(1e-300)
+    assert float(rel[h >= -4].max()) <= 2e-6, float(rel[h >= -4].max())
+    assert float(rel[upper].max()) <= 1e-5, float(rel[upper].max())
+    assert float((out.double() - exact).abs()[~upper].max()) < 1e-18
+    # Where Phi(h) is subnormal (h < -13) the GPU flushes it to zero (ex2.approx.ftz), and
+    # with it the GELU (under 1e-36).
+    normal = (exact / h).abs() >= 2.0 ** -126
+    assert float(out[~normal].abs().max()) < 1e-36
+    mine, right = out[normal].to(torch.bfloat16), exact[normal].float().to(torch.bfloat16)
+    off = mine != right
+    assert int(off.sum()) <= 16, int(off.sum())
+    ulps = (mine[off].view(torch.int16).int() - right[off].view(torch.int16).int()).abs()
+    assert ulps.numel() == 0 or int(ulps.max()) == 1
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_gelu_matches_erfc_in_triton_interpreter():
+    out = _run_in_interpreter("""
+        import sys
+        sys.path.insert(0, "tests")  # (another installed package may be called "tests")
+        from test_fast_path import check_gelu
+        check_gelu("cpu")
+        print("OK")
+    """)
+    assert "OK" in out
+
+
 def check_stem(n: int, c: int, h: int, w: int, channels_last: bool, device: str,
                dtype: torch.dtype, tol: float) -> None:
     """`_kernels.stem_patchify_ln` (4x4 patches of a 3-channel image, `c` outputs) against an
@@ -539,6 +596,50 @@ def test_stem_kernel_and_dispatch_in_triton_interpreter():
         assert attached == []
         print("OK")
     """, CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS="0")
+    assert "OK" in out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_downsample_layer_norm_writes_compute_dtype_in_triton_interpreter():
+    """Under autocast a downsampling layer's LayerNorm kernel writes the compute dtype for
+    the conv (instead of fp32 that the conv casts back): the same output and gradients,
+    bit for bit, as the layer called as a module. Not taken without autocast or with a
+    hook; the model's trunk takes it."""
+    out = _run_in_interpreter("""
+        import torch
+        from convnext_backbone import ConvNextBackbone, ConvNextConfig, ops
+        from convnext_backbone.ops import _kernels as K
+        torch.manual_seed(0)
+        m = ConvNextBackbone(ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                                            out_features=["stage2"]))
+        layer = m.downsample_layers[1]
+        norm, conv = layer
+        x = torch.randn(2, 16, 8, 12).contiguous(memory_format=torch.channels_last)
+        assert not ops.use_fast_downsample(layer, norm, conv, x)  # fp32: nothing to save
+        written = []
+        ln_fwd = K.ln_fwd
+        K.ln_fwd = lambda *a, **k: written.append(a[4]) or ln_fwd(*a, **k)
+        with torch.autocast("cpu", torch.float16):
+            assert ops.use_fast_downsample(layer, norm, conv, x)
+            for hooked in (layer, norm, conv):
+                h = hooked.register_forward_pre_hook(lambda *a: None)
+                assert not ops.use_fast_downsample(layer, norm, conv, x)
+                h.remove()
+            res = []
+            for fast in (True, False):
+                xg = x.clone().requires_grad_()
+                written.clear()
+                y = ops.downsample_forward(norm, conv, xg) if fast else layer(xg)
+                assert written == [torch.float16 if fast else torch.float32]
+                (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+                res.append([y.detach(), xg.grad] + [p.grad for p in layer.parameters()])
+                layer.zero_grad(set_to_none=True)
+            assert all(torch.equal(a, b) for a, b in zip(*res))
+            written.clear()
+            m(torch.randn(1, 3, 64, 64))
+            assert torch.float16 in written  # the trunk's downsampling layer
+        print("OK")
+    """)
     assert "OK" in out
 
 
@@ -701,6 +802,11 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
                         continue
                     copy, _ = mid.__dict__[attr]
                     assert torch.equal(copy, mid.half()) and mid.dtype == torch.float32
+                    # x already in the compute dtype (a downsampling conv's output under
+                    # autocast): the block still returns fp32 and hands on its copy.
+                    mid_h = stage[0](t.half())
+                    copy_h, _ = mid_h.__dict__.pop(attr)
+                    assert mid_h.dtype == torch.float32 and torch.equal(copy_h, mid_h.half())
                     ref = stage[1](mid.clone())
                     out = stage[1](mid)
                     assert attr not in mid.__dict__  # taken by the next block
@@ -829,6 +935,12 @@ def test_gpu_odd_sizes_and_wide_channels():
         assert _rel(res[True][1], res[False][1]) <= 1e-4
         for n in res[False][2]:
             assert _rel(res[True][2][n], res[False][2][n]) <= 1e-4, (c, h, w, n)
+
+
+@gpu
+def test_gpu_gelu_matches_erfc():
+    """`check_gelu` compiled: the MUFU ex2 and rcp instructions the interpreter stands in for."""
+    check_gelu("cuda")
 
 
 @gpu

@@ -44,7 +44,7 @@ __all__ = ["fast_path", "fast_path_enabled", "fast_path_available", "use_fast_pa
            "refresh_from_env", "compute_dtype", "needs_backward", "use_fast_layer_norm",
            "layer_norm_2d", "submodules_plain", "drop_path_active", "block_sequence",
            "in_block_sequence", "use_fast_stem", "stem_forward", "attach_low_precision_copy",
-           "discard_low_precision_copy"]
+           "discard_low_precision_copy", "use_fast_downsample", "downsample_forward"]
 
 
 def _env_enabled() -> bool:
@@ -304,6 +304,28 @@ def layer_norm_2d(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from .layer_norm import layer_norm_2d as _impl
 
     return _impl(x, norm.weight, norm.bias, norm.eps)
+
+
+def use_fast_downsample(layer: nn.Module, norm: nn.Module, conv: nn.Module,
+                        x: torch.Tensor) -> bool:
+    """The dispatch decision of a downsampling layer (`layer` = Sequential(`norm`, `conv`),
+    the plain LayerNorm2d and Conv2d, checked by the caller): the LayerNorm's fast path,
+    under an autocast whose LayerNorm output (fp32 on CUDA) the conv would cast to the
+    compute dtype; unhooked."""
+    from .layer_norm import output_dtype
+
+    return (use_fast_layer_norm(norm, x) and compute_dtype(x) != output_dtype(x, x.dtype)
+            and _no_hooks(layer, norm, conv))
+
+
+def downsample_forward(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv(norm(x))` with the LayerNorm kernel writing the compute dtype itself: the
+    autocast conv would otherwise cast its fp32 output, one more pass over the stage's
+    output forward and one backward (its gradient cast back to fp32). Same values: both
+    round the fp32 LayerNorm output once."""
+    from .layer_norm import layer_norm_2d as _impl
+
+    return conv(_impl(x, norm.weight, norm.bias, norm.eps, out_dtype=compute_dtype(x)))
 
 
 def use_fast_stem(stem: nn.Module, conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:

@@ -43,6 +43,7 @@ an argument specialisation, later launches call the compiled kernel directly.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -431,9 +432,65 @@ def cast_colsum(x: torch.Tensor, dtype: torch.dtype, part: Optional[torch.Tensor
     return out, (part.sum(0) if own else None)
 
 
+# The PTX of `_exp2_approx` / `_rcp_approx` cannot run in Triton's CPU interpreter (the
+# tests'); there they are tl.exp2 and a division.
+_PTX_MUFU = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
 @triton.jit
-def _gelu_erf(h):
-    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+def _exp2_approx(x):
+    """2^x by one MUFU.EX2 (tl.exp2 adds range fix-ups around it); subnormals flush to 0."""
+    if _PTX_MUFU:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _rcp_approx(x):
+    """1/x by one MUFU.RCP, for x in [1, inf)."""
+    if _PTX_MUFU:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _normal_cdf(h):
+    """Phi(h) = erfc(-h / sqrt2) / 2, fp32, with erfc in its exponential form,
+    erfc(a) = t exp(P(t) - a^2), t = 1 / (1 + a/2), P of degree 9 (Numerical Recipes'
+    erfcc: relative error below 1.2e-7 for every a >= 0), worked in base 2.
+
+    The fused LN-MLP kernel is bound by its GELU's arithmetic: libdevice's erff costs about
+    34 instructions a value (two polynomial ranges selected per lane), this about 20 with
+    one MUFU.EX2 and one MUFU.RCP; the kernel runs 11-16% faster (H100, bf16; with the GELU
+    swapped for the identity, 34% faster). Rounded to bf16, h * Phi(h) equals the exactly computed GELU at all
+    but 7 of the 32,558 normal bf16 values |h| < 20: h from -13.5 to -13.125, where the
+    GELU is below 2e-38 and Phi(h), subnormal, is flushed to zero. aten's GELU,
+    h/2 * (1 + erf(h / sqrt2)), loses its negative tail to cancellation and is off at 201.
+    """
+    b = tl.abs(h) * 0.8493218002880191  # |h| sqrt(log2(e) / 2), so b^2 = log2(e) h^2 / 2
+    t = _rcp_approx(b * 0.41627730557884884 + 1.0)  # 1 / (1 + |h| / (2 sqrt2))
+    # log2(e) P(t), less 1 for erfc's factor 1/2
+    p = 0.246517298 * t - 1.18611495
+    p = p * t + 2.14747446
+    p = p * t - 1.63775315
+    p = p * t + 0.402321582
+    p = p * t - 0.26875686
+    p = p * t + 0.139630057
+    p = p * t + 0.539700616
+    p = p * t + 1.4427292
+    p = p * t - 2.82574822
+    tail = t * _exp2_approx(p - b * b)  # Phi(-|h|)
+    return tl.where(h >= 0, 1.0 - tail, tail)
+
+
+@triton.jit
+def _gelu(h):
+    """The exact (erf) GELU of fp32 h."""
+    return h * _normal_cdf(h)
 
 
 @triton.jit
@@ -530,7 +587,7 @@ def _ln_mlp_kernel(y_ptr, yb_ptr, x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_pt
         hq = hacc.to(cdt)  # the reference rounds pwconv1's output before the GELU
         if STORE_H:
             tl.store(h_ptr + rows[:, None] * HID + hid[None, :], hq, mask=rmask[:, None])
-        g = _gelu_erf(hq.to(tl.float32)).to(cdt)
+        g = _gelu(hq.to(tl.float32)).to(cdt)
         # W2 is (C, 4C): its (BLOCK_H, OUT) slices W2[o, hid]^T
         w2a = tl.load(w2_ptr + offs_a[None, :] * HID + hid[:, None]).to(cdt)
         acc_a = tl.dot(g, w2a, acc_a)
@@ -663,8 +720,8 @@ def _gelu_bwd_kernel(dg_ptr, h_ptr, dh_ptr, g_ptr, part_ptr, part_stride, part_r
         ptrs = rows[:, None] * HID + cols[None, :]
         h = tl.load(h_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
         dg = tl.load(dg_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
-        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
+        cdf = _normal_cdf(h)  # the forward kernel's GELU, so gelu(h) = h * cdf matches it
+        pdf = _exp2_approx(h * h * -0.7213475204444817) * 0.3989422804014327  # e^(-h^2/2)/sqrt(2pi)
         dh = (dg * (cdf + h * pdf)).to(dh_ptr.dtype.element_ty)
         tl.store(dh_ptr + ptrs, dh, mask=m)
         tl.store(g_ptr + ptrs, (h * cdf).to(g_ptr.dtype.element_ty), mask=m)

@@ -10,6 +10,8 @@ generates an equivalent kernel itself.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -60,9 +62,11 @@ def output_dtype(x: Tensor, input_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else input_dtype
 
 
-def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the channels of a channels_last (N, C, H, W) tensor."""
-    out_dtype = output_dtype(x, x.dtype)
+def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                  out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """LayerNorm over the channels of a channels_last (N, C, H, W) tensor, output in
+    `out_dtype` (default: F.layer_norm's, `output_dtype`)."""
+    out_dtype = out_dtype or output_dtype(x, x.dtype)
     keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or bias.requires_grad)
     if not keep:  # nothing for autograd to record: skip the Function's per-call work
