@@ -43,13 +43,14 @@ an argument specialisation, later launches call the compiled kernel directly.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+# Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
+from . import _INTERPRET
 from ._launch import direct_launch
 
 __all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
@@ -434,7 +435,7 @@ def cast_colsum(x: torch.Tensor, dtype: torch.dtype, part: Optional[torch.Tensor
 
 # The PTX of `_exp2_approx` / `_rcp_approx` cannot run in Triton's CPU interpreter (the
 # tests'); there they are tl.exp2 and a division.
-_PTX_MUFU = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+_PTX_MUFU = tl.constexpr(not _INTERPRET)
 
 
 @triton.jit
@@ -466,10 +467,11 @@ def _normal_cdf(h):
     The fused LN-MLP kernel is bound by its GELU's arithmetic: libdevice's erff costs about
     34 instructions a value (two polynomial ranges selected per lane), this about 20 with
     one MUFU.EX2 and one MUFU.RCP; the kernel runs 11-16% faster (H100, bf16; with the GELU
-    swapped for the identity, 34% faster). Rounded to bf16, h * Phi(h) equals the exactly computed GELU at all
-    but 7 of the 32,558 normal bf16 values |h| < 20: h from -13.5 to -13.125, where the
-    GELU is below 2e-38 and Phi(h), subnormal, is flushed to zero. aten's GELU,
-    h/2 * (1 + erf(h / sqrt2)), loses its negative tail to cancellation and is off at 201.
+    swapped for the identity, 34% faster). Rounded to bf16, h * Phi(h) equals the exactly
+    computed GELU at all but 7 of the 32,558 normal bf16 values |h| < 20: h from -13.5 to
+    -13.125, where the GELU is below 2e-38 and Phi(h), subnormal, is flushed to zero.
+    aten's GELU, h/2 * (1 + erf(h / sqrt2)), loses its negative tail to cancellation and
+    is off at 201.
     """
     b = tl.abs(h) * 0.8493218002880191  # |h| sqrt(log2(e) / 2), so b^2 = log2(e) h^2 / 2
     t = _rcp_approx(b * 0.41627730557884884 + 1.0)  # 1 / (1 + |h| / (2 sqrt2))

@@ -456,20 +456,19 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         args = (x, None, *block_params(block), float(block.norm.eps), cdt, impl, keep, False)
         return torch.ops.convnext_backbone.block_fwd(*args)[0]
-    params = block_params(block)
     x_lp, emit = None, False
     if _library_conv(impl):
         if x.dtype != cdt:
             x_lp = None if block._forward_pre_hooks else _take_low_precision_copy(x, cdt)
         # Decided by the output's dtype, not x's: a stage's first block under autocast takes
         # the downsampling conv's bf16 output and still returns the fp32 residual stream.
-        emit = (_out_dtype(x, params[-1], cdt) != cdt
+        emit = (_out_dtype(x, block.gamma, cdt) != cdt
                 and bool(getattr(block, "feeds_block", False))
                 and not _hooks_may_change_output(block)
                 and (not torch.is_inference_mode_enabled() or in_block_sequence()))
     # x_lp only here: the custom op (compile path) gets None, so none of its outputs (xs may
     # be x_lp) aliases an input.
-    args = (x, x_lp, *params, float(block.norm.eps), cdt, impl, keep, emit)
+    args = (x, x_lp, *block_params(block), float(block.norm.eps), cdt, impl, keep, emit)
     if keep:
         out, out_lp = _BlockFunction.apply(*args)
     else:  # nothing for autograd to record: skip the Function's per-call work

@@ -66,7 +66,8 @@ def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """LayerNorm over the channels of a channels_last (N, C, H, W) tensor, output in
     `out_dtype` (default: F.layer_norm's, `output_dtype`)."""
-    out_dtype = out_dtype or output_dtype(x, x.dtype)
+    if out_dtype is None:
+        out_dtype = output_dtype(x, x.dtype)
     keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or bias.requires_grad)
     if not keep:  # nothing for autograd to record: skip the Function's per-call work
