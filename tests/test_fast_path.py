@@ -8,6 +8,7 @@ and backward, eager and torch.compile (fullgraph, so a graph break fails).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -84,11 +85,26 @@ def test_small_training_blocks_take_reference_path(monkeypatch):
 
 
 def test_fast_path_switches_restore_state():
-    before = (ops.fast_path_enabled(), ops._UNDER_COMPILE)
-    with ops.fast_path(False, under_compile=True):
-        assert not ops.fast_path_enabled() and ops._UNDER_COMPILE
+    before = (ops.fast_path_enabled(), ops._UNDER_COMPILE, ops.MIN_TRAIN_PIXELS)
+    with ops.fast_path(False, under_compile=True, min_train_pixels=7):
+        assert not ops.fast_path_enabled() and ops._UNDER_COMPILE and ops.MIN_TRAIN_PIXELS == 7
         assert not ops.use_fast_path(ConvNextBlock(8), torch.randn(1, 8, 4, 4))
-    assert (ops.fast_path_enabled(), ops._UNDER_COMPILE) == before
+    assert (ops.fast_path_enabled(), ops._UNDER_COMPILE, ops.MIN_TRAIN_PIXELS) == before
+    for bad in (-1, 1.5, True, "0"):
+        with pytest.raises(ValueError, match="non-negative int or None"):
+            with ops.fast_path(min_train_pixels=bad):
+                pass
+    assert ops.MIN_TRAIN_PIXELS == before[2]
+
+
+def test_min_train_pixels_switch_sends_small_training_blocks_to_fast_path(monkeypatch):
+    monkeypatch.setattr(ops, "fast_path_available", lambda x: True)  # as on a GPU
+    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 16384)
+    block, small = ConvNextBlock(8), torch.randn(1, 8, 16, 16)
+    assert not ops.use_fast_path(block, small)
+    with ops.fast_path(min_train_pixels=0):
+        assert ops.use_fast_path(block, small)
+    assert not ops.use_fast_path(block, small)
 
 
 def test_cpu_dispatch_uses_reference_path():
@@ -1059,3 +1075,63 @@ def test_gpu_gradient_checkpointing_and_frozen(checkpoint_calls):
         assert _rel(a, b) <= 1e-4
     for name in g_ref:
         assert _rel(g_fast[name], g_ref[name]) <= 1e-4, name
+
+
+@gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "infer"])
+def test_gpu_cuda_graph_replays_match_eager_steps(train, amp):
+    """A step captured as a CUDA graph (forward, and for training the loss and backward)
+    and replayed on new inputs, after the weights changed in place as an optimizer changes
+    them, gives what the same step gives eagerly: nothing the fast path decides or computes
+    on the host (weight casts, kernel choice, the compute-dtype copies handed between
+    blocks) is baked into the graph with stale values."""
+    m = _model("cuda").to(memory_format=torch.channels_last).train(train)
+    shape = (2, 3, 96, 160)
+    static_x = torch.randn(shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert ops.use_fast_path(m.stages[0][0], static_x[:, :16])
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    loss_weights = [torch.randn(f.shape, device="cuda", generator=gen)
+                    for f in m(static_x).feature_maps]
+
+    def step(x):
+        grad_ctx = contextlib.nullcontext() if train else torch.inference_mode()
+        # autocast's weight-cast cache must be off under capture (PyTorch's CUDA graph rule)
+        with grad_ctx, torch.autocast("cuda", torch.bfloat16, enabled=amp, cache_enabled=False):
+            feats = m(x).feature_maps
+        if train:
+            sum((f.float() * w).sum() for f, w in zip(feats, loss_weights)).backward()
+        return feats
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and loads every kernel before the capture
+        for _ in range(2):
+            step(static_x)
+            m.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_feats = step(static_x)
+    params = [p for p in m.parameters() if p.requires_grad]
+    graph_grads = [p.grad for p in params]
+    tol = 1e-3 if amp else 1e-5
+    for _ in range(2):
+        with torch.no_grad():
+            for p in params:  # a large change: a stale cast of any weight would show
+                p.add_(torch.randn(p.shape, device="cuda", generator=gen), alpha=0.05)
+        x = torch.randn(shape, device="cuda").contiguous(memory_format=torch.channels_last)
+        static_x.copy_(x)
+        graph.replay()
+        got = [f.float().clone() for f in static_feats]
+        got_grads = [g.clone() for g in graph_grads] if train else []
+        for p in params:
+            p.grad = None
+        want = step(x)
+        assert len(got) == len(want) == 4
+        for a, b in zip(got, want):
+            assert _rel(a, b.float()) <= tol
+        for p, g in zip(params, got_grads):
+            assert _rel(g, p.grad) <= tol
+        for p, g in zip(params, graph_grads):
+            p.grad = g

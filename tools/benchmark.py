@@ -10,19 +10,24 @@ Workloads (``--workloads``):
   train  forward + backward, batch 32 at 512x512 (segmentation-shaped)
   infer  forward only, batch 128 at 224x224
   det    forward + backward, batch 2 at 800x1333 (detection-shaped)
-each in eager and torch.compile mode (``--modes``). On GPU: bf16 autocast and
-channels_last; on CPU: fp32, and the default workload is inference at batch 1, 512x512.
+each in eager and torch.compile mode (``--modes``), and on GPU also as a captured CUDA
+graph (``graph``: the eager model's whole step, forward + loss + backward, captured once
+with `torch.cuda.graph` and replayed; the new input is copied into the graph's static
+input each step, as a training loop would). On GPU: bf16 autocast and channels_last; on
+CPU: fp32, and the default workload is inference at batch 1, 512x512.
 
 Reports img/s (median of timed iterations after warm-up; CUDA events on GPU), peak
 memory (total and above the step's starting allocation) and the ratio of this package
 to every peer; prints a table and writes ``results.json`` and ``results.png`` into
 ``--out``. Before timing, this package's fast path is checked against its pure-PyTorch
 reference path on the same input and weights (outputs, and gradients for training
-workloads): a fast wrong answer cannot win.
+workloads), and every graph-mode measurement checks its replayed outputs and gradients
+against the same step run eagerly: a fast wrong answer cannot win.
 
 Examples:
   PYTHONPATH=. python3 tools/benchmark.py --quick
   PYTHONPATH=. python3 tools/benchmark.py --device cuda --workloads train infer --modes eager compile
+  PYTHONPATH=. python3 tools/benchmark.py --peers ours timm --modes eager compile graph
   PYTHONPATH=. python3 tools/benchmark.py --device cpu --peers ours timm --repeat 3
 """
 from __future__ import annotations
@@ -31,7 +36,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -49,7 +53,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 PEERS = ("ours", "timm", "torchvision", "transformers")
-MODES = ("eager", "compile")
+MODES = ("eager", "compile", "graph")
+# Modes that need CUDA (graph capture).
+GPU_ONLY_MODES = ("graph",)
 # The V1 sizes every peer has; shapes come from the package's one declaration.
 BENCH_VARIANTS = ("tiny", "small", "base")
 # name: (batch, height, width, backward?)
@@ -156,10 +162,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def _autocast(device: torch.device, dtype: Optional[torch.dtype], cache_enabled: bool = True):
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # CUDA graphs need autocast's weight-cast cache off: a cached cast made outside the
+    # capture would be read, never recomputed, by every replay.
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def _loss(feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -168,25 +176,137 @@ def _loss(feats: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def make_step(model: nn.Module, x: torch.Tensor, backward: bool, device: torch.device,
-              amp_dtype: Optional[torch.dtype]) -> Callable[[], None]:
+              amp_dtype: Optional[torch.dtype], autocast_cache: bool = True
+              ) -> Callable[[], None]:
     """One timed unit: forward (+ backward and gradient release) on a fixed input."""
     if backward:
         def step() -> None:
-            with _autocast(device, amp_dtype):
+            with _autocast(device, amp_dtype, autocast_cache):
                 loss = _loss(model(x))
             loss.backward()
             for p in model.parameters():
                 p.grad = None
     else:
         def step() -> None:
-            with torch.inference_mode(), _autocast(device, amp_dtype):
+            with torch.inference_mode(), _autocast(device, amp_dtype, autocast_cache):
                 model(x)
     return step
 
 
+def _graph_context(peer: str) -> Callable[[], Any]:
+    """What this package's graphs are captured under: every training block on the fused
+    kernels. `ops.MIN_TRAIN_PIXELS` sends small training blocks to the reference path
+    because eagerly their fused backward's launches cost more host time than they save on
+    the GPU; a graph's replays cost no host time per kernel."""
+    if peer != "ours":
+        return contextlib.nullcontext
+    from convnext_backbone import ops
+
+    return lambda: ops.fast_path(ops.fast_path_enabled(), min_train_pixels=GRAPH_MIN_TRAIN_PIXELS)
+
+
+# --graph-min-train-pixels: the fast path's small-block threshold inside this package's graphs.
+GRAPH_MIN_TRAIN_PIXELS = 0
+
+
+def build_step(model: nn.Module, x: torch.Tensor, backward: bool, mode: str,
+               device: torch.device, amp_dtype: Optional[torch.dtype], peer: str = "ours"
+               ) -> Tuple[Callable[[], None], float]:
+    """The timed step of `mode` and its set-up seconds (compilation or capture)."""
+    t0 = time.perf_counter()
+    if mode == "graph":
+        if device.type != "cuda":
+            raise ValueError("mode 'graph' captures a CUDA graph: it needs --device cuda")
+        step: Callable[[], None] = GraphedStep(model, x, backward, amp_dtype,
+                                               capture_context=_graph_context(peer))
+    else:
+        fn = torch.compile(model, dynamic=False) if mode == "compile" else model
+        step = make_step(fn, x, backward, device, amp_dtype)
+        if mode == "compile":
+            step()  # compiles
+    _sync(device)
+    return step, time.perf_counter() - t0
+
+
+class GraphedStep:
+    """The step of `make_step`, captured once into a CUDA graph and replayed.
+
+    Warm-up steps run eagerly on a side stream first (compiling kernels, picking cuDNN
+    algorithms, so that nothing is built during capture); then one step is captured with
+    the gradients unset, so that every replay writes fresh gradients into the same
+    buffers (`.grad` of each parameter), as PyTorch's whole-network capture does. Calling
+    the object copies `x` into the graph's static input and replays.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, backward: bool,
+                 amp_dtype: Optional[torch.dtype], warmup: int = 3,
+                 capture_context: Callable[[], Any] = contextlib.nullcontext) -> None:
+        device = x.device
+        self.model, self.x, self.backward = model, x, backward
+        self.capture_context = capture_context
+        self.static_x = x.clone()
+        eager = make_step(model, self.static_x, backward, device, amp_dtype,
+                          autocast_cache=False)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        # The same settings for warm-up and capture: a kernel first met during capture
+        # would be compiled and loaded there, which capture forbids.
+        with capture_context():
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    eager()
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            self.graph = torch.cuda.CUDAGraph()
+            if backward:
+                for p in model.parameters():
+                    p.grad = None
+                with torch.cuda.graph(self.graph):
+                    with _autocast(device, amp_dtype, cache_enabled=False):
+                        self.outputs = model(self.static_x)
+                    _loss(self.outputs).backward()
+            else:
+                with torch.cuda.graph(self.graph), torch.inference_mode(), \
+                        _autocast(device, amp_dtype, cache_enabled=False):
+                    self.outputs = model(self.static_x)
+
+    def __call__(self) -> None:
+        self.static_x.copy_(self.x)
+        self.graph.replay()
+
+    def check_against_eager(self, amp_dtype: Optional[torch.dtype]) -> float:
+        """Replays once, runs the same step eagerly on the same input, and returns the worst
+        relative difference over the outputs and (training) the parameter gradients."""
+        self()
+        torch.cuda.synchronize(self.x.device)
+        got = [o.detach().float().clone() for o in self.outputs]
+        got_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()
+                     if p.grad is not None}
+        grad_ctx = contextlib.nullcontext() if self.backward else torch.inference_mode()
+        saved_grads = {n: p.grad for n, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.grad = None
+        with self.capture_context():  # the settings the graph was captured under
+            with grad_ctx, _autocast(self.x.device, amp_dtype):
+                want = self.model(self.x)
+            errs = [_rel(a, b.detach().float()) for a, b in zip(got, want)]
+            if self.backward:
+                _loss(want).backward()
+                errs += [_rel(got_grads[n], p.grad) for n, p in self.model.named_parameters()
+                         if p.grad is not None and p.grad.norm() > 0]
+        # The graph writes into its own gradient buffers: hand them back to the parameters.
+        for n, p in self.model.named_parameters():
+            p.grad = saved_grads[n]
+        return max(errs)
+
+
 def time_step(step: Callable[[], None], device: torch.device, warmup: int,
               iters: int) -> Tuple[List[float], int, int]:
-    """Returns per-iteration seconds, peak bytes, and bytes allocated before the step."""
+    """Returns per-iteration seconds, peak bytes, and bytes allocated before the step.
+
+    A CUDA graph's intermediate tensors live in its private memory pool, which stays
+    reserved (not allocated) between replays: for a `GraphedStep` the peak is the peak of
+    reserved memory, measured after every other cached block has been released."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -205,7 +325,8 @@ def time_step(step: Callable[[], None], device: torch.device, warmup: int,
             end.record()
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) / 1e3 for s, e in events]
-        peak = torch.cuda.max_memory_allocated(device)
+        peak = (torch.cuda.max_memory_reserved(device) if isinstance(step, GraphedStep)
+                else torch.cuda.max_memory_allocated(device))
     else:
         for _ in range(iters):
             t0 = time.perf_counter()
@@ -298,27 +419,25 @@ def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode:
     x = torch.randn(batch, 3, h, w, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    fn: nn.Module = model
-    compile_s = 0.0
-    if mode == "compile":
-        fn = torch.compile(model, dynamic=False)
-    step = make_step(fn, x, backward, device, amp_dtype)
-    if mode == "compile":
-        t0 = time.perf_counter()
-        step()  # compiles
-        _sync(device)
-        compile_s = time.perf_counter() - t0
+    step, setup_s = build_step(model, x, backward, mode, device, amp_dtype, peer)
     times, peak, base = time_step(step, device, warmup, iters)
     med = statistics.median(times)
     out = {
         "peer": peer, "mode": mode, "batch": batch, "height": h, "width": w,
         "backward": backward, "median_s": med, "img_per_s": batch / med,
-        "min_s": min(times), "iters": len(times), "compile_s": round(compile_s, 1),
+        "min_s": min(times), "iters": len(times), "compile_s": round(setup_s, 1),
     }
     if device.type == "cuda":
         out["peak_mem_gb"] = peak / 1e9
         out["step_mem_gb"] = (peak - base) / 1e9
-    del fn, model, x, step
+    if isinstance(step, GraphedStep):
+        err = step.check_against_eager(amp_dtype)
+        out["graph_vs_eager_rel_err"] = err
+        tol = 1e-2 if amp_dtype is not None else 1e-4
+        if not err <= tol:
+            raise RuntimeError(f"the replayed graph differs from the eager step: relative "
+                               f"error {err:.3g} > {tol:g}")
+    del model, x, step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -337,8 +456,7 @@ def profile_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], m
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    fn = torch.compile(model, dynamic=False) if mode == "compile" else model
-    step = make_step(fn, x, backward, device, amp_dtype)
+    step, _ = build_step(model, x, backward, mode, device, amp_dtype, peer)
     for _ in range(3):
         step()
     _sync(device)
@@ -385,8 +503,9 @@ def summarise(results: List[Dict[str, Any]]) -> str:
                     continue
                 mem = ""
                 if "peak_mem_gb" in o and r.get("peak_mem_gb"):
-                    mem = (f", peak mem {o['peak_mem_gb'] / r['peak_mem_gb']:.2f}x"
-                           f", step mem {o['step_mem_gb'] / max(r['step_mem_gb'], 1e-9):.2f}x")
+                    mem = f", peak mem {o['peak_mem_gb'] / r['peak_mem_gb']:.2f}x"
+                    if r.get("step_mem_gb", 0) > 1e-3:
+                        mem += f", step mem {o['step_mem_gb'] / r['step_mem_gb']:.2f}x"
                 ratio_lines.append(f"  {wl}: ours/{om} vs {r['peer']}/{r['mode']}: speed "
                                    f"{o['img_per_s'] / r['img_per_s']:.2f}x{mem}")
     return _fmt_table(rows) + "\n\nratios (this package / peer):\n" + "\n".join(ratio_lines)
@@ -431,6 +550,7 @@ def _dump(path: str, env: Dict[str, Any], table: Dict[str, Any], workloads: Sequ
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global GRAPH_MIN_TRAIN_PIXELS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available)")
@@ -439,7 +559,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workloads", nargs="+", default=None,
                    choices=sorted(GPU_WORKLOADS), help="default: all on GPU, infer on CPU")
     p.add_argument("--modes", nargs="+", default=None, choices=MODES,
-                   help="default: eager and compile on GPU, eager on CPU")
+                   help="default: eager and compile on GPU, eager on CPU; graph (GPU only): "
+                        "the eager step captured as a CUDA graph")
     p.add_argument("--quick", action="store_true", help="small batches and few iterations")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -448,6 +569,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--batch", type=int, default=None, help="override every workload's batch")
     p.add_argument("--no-check", action="store_true", help="skip the fast-path equality check")
+    p.add_argument("--graph-min-train-pixels", type=int, default=0,
+                   help="this package's small-training-block threshold in graph mode "
+                        "(default 0: every block fused; eager mode keeps ops.MIN_TRAIN_PIXELS)")
     p.add_argument("--out", default=os.path.join(ROOT, "outputs", "benchmark"))
     p.add_argument("--profile", nargs="*", default=None, metavar="PEER/MODE",
                    help="print the top CUDA kernels of these (e.g. ours/eager timm/compile) "
@@ -457,6 +581,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--merge", nargs="*", default=[],
                    help="results.json files of earlier runs (same device) to include in the table")
     args = p.parse_args(argv)
+    GRAPH_MIN_TRAIN_PIXELS = args.graph_min_train_pixels
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -467,7 +592,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = (GPU_WORKLOADS_QUICK if args.quick else GPU_WORKLOADS) if gpu else \
         (CPU_WORKLOADS_QUICK if args.quick else CPU_WORKLOADS)
     workloads = args.workloads or (list(GPU_WORKLOADS) if gpu else ["infer"])
-    modes = args.modes or (list(MODES) if gpu else ["eager"])
+    modes = args.modes or (["eager", "compile"] if gpu else ["eager"])
+    if not gpu and set(modes) & set(GPU_ONLY_MODES):
+        p.error(f"modes {', '.join(GPU_ONLY_MODES)} need --device cuda")
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else (5 if gpu else 2))
     iters = args.iters if args.iters is not None else (5 if args.quick else (20 if gpu else 10))
     amp_dtype = torch.bfloat16 if gpu else None
@@ -517,6 +644,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("ERROR: fast path disagrees with the reference path; timing the reference "
                   "path for this package instead", flush=True)
             os.environ["CONVNEXT_FAST_PATH"] = "0"
+            from convnext_backbone import ops
+
+            ops.refresh_from_env()  # read at import: the check has imported it already
 
     for wl in workloads:
         wl_spec = table[wl]
@@ -551,7 +681,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"[{wl} {mode} {peer}] {best['img_per_s']:.1f} img/s, "
                           f"{best['median_s'] * 1e3:.2f} ms"
                           + (f", peak {best['peak_mem_gb']:.2f} GB" if gpu else "")
-                          + (f", compile {best['compile_s']}s" if mode == "compile" else ""),
+                          + (f", compile {best['compile_s']}s" if mode == "compile" else "")
+                          + (f", graph vs eager {best['graph_vs_eager_rel_err']:.1e}"
+                             if mode == "graph" else ""),
                           flush=True)
 
     _dump(json_path, env, table, workloads, checks, notes, results)

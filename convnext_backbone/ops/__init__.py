@@ -19,7 +19,9 @@ Switches (for benchmarks and debugging):
     and by `refresh_from_env()`);
   - ``with convnext_backbone.ops.fast_path(False): ...`` turns it off (or on) in a block;
   - ``CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS`` (default 16384): training blocks with fewer
-    pixels (batch x height x width) take the reference path (`MIN_TRAIN_PIXELS`);
+    pixels (batch x height x width) take the reference path (`MIN_TRAIN_PIXELS`;
+    ``fast_path(min_train_pixels=0)`` in a block, e.g. around a CUDA graph's warm-up and
+    capture, where no host time is spent issuing kernels);
   - ``CONVNEXT_DWCONV=cuda|cudnn|triton`` picks the depthwise-conv kernels (default cuda).
     Under torch.compile the setting in force when the graph is traced is baked into it.
 
@@ -121,23 +123,35 @@ def fast_path_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def fast_path(enabled: bool = True, under_compile: Optional[bool] = None) -> Iterator[None]:
+def fast_path(enabled: bool = True, under_compile: Optional[bool] = None,
+              min_train_pixels: Optional[int] = None) -> Iterator[None]:
     """Context manager that switches the fast path on or off, restoring it afterwards.
 
     Args:
         enabled: False forces the pure-PyTorch reference path.
         under_compile: True also uses the fused ops inside torch.compile (default: the
             reference path there, which Inductor fuses better); None keeps the setting.
+        min_train_pixels: training blocks with fewer pixels take the reference path
+            (`MIN_TRAIN_PIXELS`). 0 sends every training block through the fused kernels:
+            right for a CUDA graph (capture the step and its warm-up inside this context),
+            whose replays cost no host time per kernel. None keeps the setting.
     """
-    global _ENABLED, _UNDER_COMPILE
-    prev = _ENABLED, _UNDER_COMPILE
+    global _ENABLED, _UNDER_COMPILE, MIN_TRAIN_PIXELS
+    if min_train_pixels is not None and (isinstance(min_train_pixels, bool)
+                                         or not isinstance(min_train_pixels, int)
+                                         or min_train_pixels < 0):
+        raise ValueError(f"min_train_pixels must be a non-negative int or None, "
+                         f"got {min_train_pixels!r}")
+    prev = _ENABLED, _UNDER_COMPILE, MIN_TRAIN_PIXELS
     _ENABLED = bool(enabled)
     if under_compile is not None:
         _UNDER_COMPILE = bool(under_compile)
+    if min_train_pixels is not None:
+        MIN_TRAIN_PIXELS = min_train_pixels
     try:
         yield
     finally:
-        _ENABLED, _UNDER_COMPILE = prev
+        _ENABLED, _UNDER_COMPILE, MIN_TRAIN_PIXELS = prev
 
 
 def _triton_ok() -> bool:
