@@ -193,32 +193,30 @@ def make_step(model: nn.Module, x: torch.Tensor, backward: bool, device: torch.d
     return step
 
 
-def _graph_context(peer: str) -> Callable[[], Any]:
-    """What this package's graphs are captured under: every training block on the fused
-    kernels. `ops.MIN_TRAIN_PIXELS` sends small training blocks to the reference path
-    because eagerly their fused backward's launches cost more host time than they save on
-    the GPU; a graph's replays cost no host time per kernel."""
+def _graph_context(peer: str, min_train_pixels: int) -> Callable[[], Any]:
+    """What this package's graphs are captured under: by default (0) every training block
+    on the fused kernels. `ops.MIN_TRAIN_PIXELS` sends small training blocks to the
+    reference path because eagerly their fused backward's launches cost more host time
+    than they save on the GPU; a graph's replays cost no host time per kernel."""
     if peer != "ours":
         return contextlib.nullcontext
     from convnext_backbone import ops
 
-    return lambda: ops.fast_path(ops.fast_path_enabled(), min_train_pixels=GRAPH_MIN_TRAIN_PIXELS)
-
-
-# --graph-min-train-pixels: the fast path's small-block threshold inside this package's graphs.
-GRAPH_MIN_TRAIN_PIXELS = 0
+    return lambda: ops.fast_path(ops.fast_path_enabled(), min_train_pixels=min_train_pixels)
 
 
 def build_step(model: nn.Module, x: torch.Tensor, backward: bool, mode: str,
-               device: torch.device, amp_dtype: Optional[torch.dtype], peer: str = "ours"
-               ) -> Tuple[Callable[[], None], float]:
-    """The timed step of `mode` and its set-up seconds (compilation or capture)."""
+               device: torch.device, amp_dtype: Optional[torch.dtype], peer: str = "ours",
+               graph_min_train_pixels: int = 0) -> Tuple[Callable[[], None], float]:
+    """The timed step of `mode` and its set-up seconds (compilation or capture);
+    `graph_min_train_pixels`: this package's small-training-block threshold in graph mode."""
     t0 = time.perf_counter()
     if mode == "graph":
         if device.type != "cuda":
             raise ValueError("mode 'graph' captures a CUDA graph: it needs --device cuda")
+        context = _graph_context(peer, graph_min_train_pixels)
         step: Callable[[], None] = GraphedStep(model, x, backward, amp_dtype,
-                                               capture_context=_graph_context(peer))
+                                               capture_context=context)
     else:
         fn = torch.compile(model, dynamic=False) if mode == "compile" else model
         step = make_step(fn, x, backward, device, amp_dtype)
@@ -409,7 +407,7 @@ def check_fast_path(variant: str, device: torch.device, amp_dtype: Optional[torc
 # --------------------------------------------------------------------------- driver
 def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode: str,
             device: torch.device, amp_dtype: Optional[torch.dtype], warmup: int,
-            iters: int, channels_last: bool) -> Dict[str, Any]:
+            iters: int, channels_last: bool, graph_min_train_pixels: int = 0) -> Dict[str, Any]:
     batch, h, w, backward = workload
     torch.manual_seed(0)
     model = build_peer(peer, variant).to(device)
@@ -419,7 +417,8 @@ def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode:
     x = torch.randn(batch, 3, h, w, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    step, setup_s = build_step(model, x, backward, mode, device, amp_dtype, peer)
+    step, setup_s = build_step(model, x, backward, mode, device, amp_dtype, peer,
+                               graph_min_train_pixels)
     times, peak, base = time_step(step, device, warmup, iters)
     med = statistics.median(times)
     out = {
@@ -446,7 +445,7 @@ def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode:
 
 def profile_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode: str,
                 device: torch.device, amp_dtype: Optional[torch.dtype], channels_last: bool,
-                top: int = 22) -> None:
+                top: int = 22, graph_min_train_pixels: int = 0) -> None:
     """Prints the kernels that take the most device time in a few steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -456,7 +455,8 @@ def profile_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], m
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    step, _ = build_step(model, x, backward, mode, device, amp_dtype, peer)
+    step, _ = build_step(model, x, backward, mode, device, amp_dtype, peer,
+                         graph_min_train_pixels)
     for _ in range(3):
         step()
     _sync(device)
@@ -550,7 +550,6 @@ def _dump(path: str, env: Dict[str, Any], table: Dict[str, Any], workloads: Sequ
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    global GRAPH_MIN_TRAIN_PIXELS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available)")
@@ -581,7 +580,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--merge", nargs="*", default=[],
                    help="results.json files of earlier runs (same device) to include in the table")
     args = p.parse_args(argv)
-    GRAPH_MIN_TRAIN_PIXELS = args.graph_min_train_pixels
+    if args.graph_min_train_pixels < 0:
+        p.error(f"--graph-min-train-pixels must be >= 0, got {args.graph_min_train_pixels}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -662,7 +662,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         continue
                     try:
                         r = run_one(peer, args.variant, wl_spec, mode, device, amp_dtype,
-                                    warmup, iters, channels_last=gpu)
+                                    warmup, iters, channels_last=gpu,
+                                    graph_min_train_pixels=args.graph_min_train_pixels)
                     except Exception as exc:  # noqa: BLE001 - one failure must not end the run
                         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                         r = {"peer": peer, "mode": mode, "error": msg}
@@ -691,7 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         peer, _, mode = spec.partition("/")
         try:
             profile_one(peer, args.variant, table[workloads[0]], mode or "eager", device,
-                        amp_dtype, gpu)
+                        amp_dtype, gpu, graph_min_train_pixels=args.graph_min_train_pixels)
         except Exception as exc:  # noqa: BLE001 - profiling is optional
             print(f"profile {spec} failed: {exc}")
     merged = list(results)
