@@ -188,17 +188,8 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 @torch.fx.wrap
 def _crop_to_stride(x: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    # Always slice (a free view when nothing is cropped); see _pad_to_multiple for why.
     out_h, out_w = (height + stride - 1) // stride, (width + stride - 1) // stride
-    # Nothing to crop (eager, or static shapes under compile): return x itself. The slice
-    # is a free view forward, but its backward writes the gradient into a fresh zeroed
-    # tensor in the default (NCHW) layout: on channels_last maps that cost a fill, a
-    # layout-changing copy and another copy back in the next kernel (about 0.6 ms of a
-    # 32x512^2 training step in an H100 profile). Symbolic sizes and tracing keep the
-    # slice (see _pad_to_multiple for why).
-    if (type(out_h) is int and type(out_w) is int and out_h == x.shape[-2]
-            and out_w == x.shape[-1] and type(x.shape[-2]) is int
-            and not torch.jit.is_tracing()):
-        return x
     return x[:, :, :out_h, :out_w]
 
 

@@ -103,28 +103,6 @@ def test_any_input_size_is_padded_then_cropped(tiny_config, size):
         torch.testing.assert_close(ours, full[..., :math.ceil(h / stride), :math.ceil(w / stride)])
 
 
-def test_uncropped_maps_keep_their_layout_in_backward(tiny_config):
-    """Inputs already a multiple of 32 are not sliced (the slice's backward would write the
-    gradient into a fresh NCHW tensor, costing a fill and two layout copies per stage on
-    channels_last maps); inputs that need cropping still are."""
-    from convnext_backbone.modeling import _crop_to_stride
-
-    t = torch.randn(2, 8, 16, 16)
-    assert _crop_to_stride(t, 64, 64, 4) is t
-    assert _crop_to_stride(t, 61, 64, 4) is t  # ceil(61 / 4) == 16
-    assert _crop_to_stride(t, 57, 64, 4).shape == (2, 8, 15, 16)
-    model = ConvNextBackbone(tiny_config.copy(out_features=ALL_STAGES)).to(
-        memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    out = model(x, output_hidden_states=True)
-    grads = []
-    for h in out.hidden_states[1:]:
-        h.register_hook(lambda g: grads.append(g))
-    sum(f.sum() for f in out.feature_maps).backward()
-    assert len(grads) == 4
-    assert all(g.is_contiguous(memory_format=torch.channels_last) for g in grads)
-
-
 def test_channels_last_input_matches(tiny_config):
     model = ConvNextBackbone(tiny_config.copy(out_features=ALL_STAGES)).eval()
     x = torch.randn(2, 3, 64, 64)
