@@ -1,12 +1,15 @@
 """The depthwise 7x7 conv CUDA kernel (convnext_backbone/ops/dwconv7.cu, cuda_dwconv.py).
 
-CPU (CI): every variant compiles with NVRTC for Ampere and Hopper without spilling, in at
-most 128 registers and within 48 KB of shared memory at the largest tile;
+CPU (CI): every variant of the conv and of the weight-gradient kernel compiles with NVRTC
+for Ampere and Hopper without spilling, in at most 128 registers and within the shared
+memory it may have (48 KB for the conv; the opt-in limit for the weight gradient); the
+weight gradient's tile widths pad the image least;
 argument errors name what is valid; the switch is parsed strictly; CPU tensors are not
-taken. GPU (`pytest -m gpu` on the device): the kernel against an fp64 conv of the same
-rounded inputs, for each variant and for shapes that exercise partial strips, windows
-larger than the image, and channel counts whose groups do not fill a block; and the block
-uses it, forward and backward, unless ``CONVNEXT_DWCONV=cudnn``.
+taken. GPU (`pytest -m gpu` on the device): the kernels against an fp64 conv (and its weight
+gradient) of the same rounded inputs, for each variant and for shapes that exercise
+partial strips and tiles, windows larger than the image, and channel counts whose groups do
+not fill a block; the weight gradient is the same bit for bit on every call; and the block
+uses them, forward and backward, unless ``CONVNEXT_DWCONV=cudnn``.
 """
 from __future__ import annotations
 
@@ -52,6 +55,30 @@ def test_every_variant_compiles_without_spills(arch, bf16):
                 assert static + tile <= 48 * 1024, (macros, static, tile)
 
 
+@pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC (libnvrtc) not loadable")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+def test_every_weight_gradient_variant_compiles_without_spills(arch, bf16):
+    for groups_per_block in (cuda_dwconv._WG_GROUPS, 2, 1):
+        for tile_w in cuda_dwconv._WG_TILE_WIDTHS:
+            macros = cuda_dwconv._wgrad_macros(bf16, groups_per_block, tile_w)
+            cubin, log = cuda_dwconv.compile_source(macros, arch, ("--ptxas-options=-v",))
+            assert cubin[:4] == b"\x7fELF", macros
+            assert re.search(r"\b0 bytes spill stores", log), log
+            assert re.search(r"\b0 bytes stack frame", log), log
+            registers = int(re.search(r"Used (\d+) registers", log).group(1))
+            assert registers <= 128, (macros, registers)
+            smem = cuda_dwconv._wgrad_smem_bytes(groups_per_block, tile_w,
+                                                 cuda_dwconv._WG_MAX_ROWS)
+            assert smem <= (163 if arch == "sm_80" else 227) * 1024, (macros, smem)
+
+
+@pytest.mark.parametrize("width,tile_w", [(16, 16), (42, 24), (128, 32), (336, 32), (84, 32),
+                                          (7, 16), (200, 32), (168, 24), (100, 24)])
+def test_weight_gradient_tiles_load_the_fewest_columns(width, tile_w):
+    assert cuda_dwconv._wgrad_tile_width(width) == tile_w
+
+
 def test_compile_errors_name_the_variant(monkeypatch, tmp_path):
     if not _nvrtc_loads():
         pytest.skip("NVRTC (libnvrtc) not loadable")
@@ -73,6 +100,14 @@ def test_argument_errors_name_what_is_valid():
         cuda_dwconv.depthwise_conv7(x, taps, residual=torch.zeros(1, 8, 5, 5, dtype=torch.float16))
 
 
+def test_weight_gradient_argument_errors_name_what_is_valid():
+    x = torch.randn(1, 8, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"dy must have x's shape and dtype, got \(1, 8, 5, 4\)"):
+        cuda_dwconv.depthwise_conv7_weight_grad(x, torch.zeros(1, 8, 5, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="torch.float16 for x"):
+        cuda_dwconv.depthwise_conv7_weight_grad(x, torch.zeros(1, 8, 5, 5, dtype=torch.float16))
+
+
 def test_cpu_tensors_are_not_taken():
     x = torch.randn(1, 8, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     assert not cuda_dwconv.supports(x)
@@ -91,8 +126,9 @@ def test_conv_switch_is_parsed_strictly(monkeypatch):
 
 
 def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch):
-    """A kernel that fails to build is switched off with a warning, and the block's conv
-    goes to cuDNN (here: the generic conv, on CPU, with `supports` forced)."""
+    """A kernel that fails to build is switched off with a warning, and the block's conv,
+    input gradient and weight gradient go to cuDNN (here: the generic conv, on CPU, with
+    `supports` forced)."""
     monkeypatch.setattr(cuda_dwconv, "supports", lambda x: cuda_dwconv.available())
     monkeypatch.setattr(cuda_dwconv, "_load_libraries", lambda: True)
     monkeypatch.setattr(cuda_dwconv, "_unavailable", None)
@@ -118,6 +154,14 @@ def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch):
         dout.permute(0, 2, 3, 1).reshape(-1, 8), torch.float32, fused_block.CONV_CUDA)
     torch.testing.assert_close(dx, dout + F.conv2d(x, taps.to(torch.bfloat16).flip(-1, -2),
                                                    padding=3, groups=8).float())
+    dy = torch.randn(2, 8, 9, 11).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dw = fused_block._library_conv_weight_grad(dy, x, taps.to(torch.bfloat16),
+                                               fused_block.CONV_CUDA)
+    xr = x.float().requires_grad_(True)
+    ref = torch.autograd.grad(F.conv2d(xr, taps.requires_grad_(True), padding=3, groups=8),
+                              taps, dy.float())[0]
+    assert dw.dtype == torch.float32 and dw.shape == (8, 1, 7, 7)
+    torch.testing.assert_close(dw, ref, rtol=1e-2, atol=1e-2)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -165,6 +209,27 @@ def test_gpu_kernel_matches_fp64_conv(dtype, residual, out_fp32, mirror):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_weight_gradient_matches_fp64(dtype):
+    """The weight gradient in fp32 against fp64 from the same half-precision x and dy: only
+    the fp32 summation order differs (cuDNN's bf16 result is 1.7e-3 off here)."""
+    torch.manual_seed(0)
+    # SHAPES, ConvNeXt-T's training stage 1 (8-row tiles, 32-wide strips) and detection
+    # stage 1 (24-wide strips), and a width of 30 (one 32-wide strip, 2 columns past it).
+    for n, c, h, w in SHAPES + [(32, 96, 128, 128), (2, 96, 200, 336), (3, 16, 19, 30)]:
+        x = torch.randn(n, h, w, c, device="cuda").to(dtype).permute(0, 3, 1, 2)
+        dy = torch.randn(n, h, w, c, device="cuda").to(dtype).permute(0, 3, 1, 2)
+        ref = torch.ops.aten.convolution_backward(
+            dy.double(), x.double(), torch.zeros(c, 1, 7, 7, device="cuda", dtype=torch.double),
+            [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c, [False, True, False])[1]
+        got = cuda_dwconv.depthwise_conv7_weight_grad(x, dy)
+        assert got.shape == (c, 1, 7, 7) and got.dtype == torch.float32
+        err = float((got.double() - ref).norm() / ref.norm())
+        assert err <= 1e-5, ((n, c, h, w), err)
+        assert torch.equal(got, cuda_dwconv.depthwise_conv7_weight_grad(x, dy)), (n, c, h, w)
+
+
+@gpu
 def test_gpu_kernel_matches_cudnn_and_takes_any_residual_layout():
     torch.manual_seed(0)
     x = torch.randn(4, 96, 28, 28, device="cuda").to(torch.bfloat16).contiguous(
@@ -183,8 +248,9 @@ def test_gpu_kernel_matches_cudnn_and_takes_any_residual_layout():
 @gpu
 @pytest.mark.parametrize("impl", ["cuda", "cudnn"])
 def test_gpu_block_uses_the_kernel_forward_and_backward(impl, monkeypatch):
-    """Under bf16 autocast the fast block's forward conv and its input-gradient conv (with
-    the residual gradient added) run the CUDA kernel, and match the reference block; with
+    """Under bf16 autocast the fast block's forward conv, its input-gradient conv (with
+    the residual gradient added) and its weight gradient run the CUDA kernels, and match
+    the reference block; with
     ``CONVNEXT_DWCONV=cudnn`` they do not run it and still match."""
     from convnext_backbone.modeling import ConvNextBlock
 
@@ -198,6 +264,13 @@ def test_gpu_block_uses_the_kernel_forward_and_backward(impl, monkeypatch):
         return real(x, taps, **kw)
 
     monkeypatch.setattr(cuda_dwconv, "depthwise_conv7", counting)
+    real_wgrad = cuda_dwconv.depthwise_conv7_weight_grad
+
+    def counting_wgrad(x, dy):
+        calls.append("wgrad")
+        return real_wgrad(x, dy)
+
+    monkeypatch.setattr(cuda_dwconv, "depthwise_conv7_weight_grad", counting_wgrad)
     torch.manual_seed(0)
     block = ConvNextBlock(96, layer_scale_init_value=0.5).cuda().to(
         memory_format=torch.channels_last)
@@ -212,7 +285,7 @@ def test_gpu_block_uses_the_kernel_forward_and_backward(impl, monkeypatch):
         res[fast] = (out.detach().float(), xi.grad,
                      {n: p.grad.clone() for n, p in block.named_parameters()})
         block.zero_grad(set_to_none=True)
-    assert calls == ([False, True] if impl == "cuda" else [])
+    assert calls == ([False, True, "wgrad"] if impl == "cuda" else [])
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
     assert rel(res[True][0], res[False][0]) <= 1e-2
     assert rel(res[True][1], res[False][1]) <= 1e-2

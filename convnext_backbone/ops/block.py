@@ -18,10 +18,10 @@ Saved for backward: the conv input (x, or its bf16 copy when the CUDA kernel or 
 convolves under autocast), y, h, mean, rstd. Backward: GELU backward in Triton (also giving
 gelu(h) and pwconv1's bias gradient in the same pass), LayerNorm backward in Triton
 (rebuilding xn and, outside the Triton conv, summing the conv bias gradient), the conv's
-input gradient as a forward conv with mirrored taps (`CONVNEXT_DWCONV=cuda`, default: the
-CUDA kernel, which also adds the residual's gradient; `=cudnn`: cuDNN, the taps mirrored
-by the launch that casts the weights) and its weight gradient with cuDNN, or both with
-Triton (`=triton`). The backward kernels' column sums (dout's, dh's, the LayerNorm's)
+input gradient as a forward conv with mirrored taps and its weight gradient
+(`CONVNEXT_DWCONV=cuda`, default: the CUDA kernels, the first also adding the residual's
+gradient, the second summing in fp32; `=cudnn`: cuDNN, the taps mirrored by the launch
+that casts the weights), or both with Triton (`=triton`). The backward kernels' column sums (dout's, dh's, the LayerNorm's)
 share one buffer and one reduction launch (`_kernels.ColumnSums`).
 Not saved: xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's
 gradient is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product
@@ -58,12 +58,13 @@ _CONV_IMPLS = {"cuda": CONV_CUDA, "cudnn": CONV_CUDNN, "triton": CONV_TRITON}
 def conv_impl() -> int:
     """Which kernel runs the depthwise conv: ``CONVNEXT_DWCONV=cuda|cudnn|triton``.
 
-    Default ``cuda``: this package's CUDA kernel (`cuda_dwconv`, built by NVRTC) for
-    half-precision channels_last input with channels in groups of 4, cuDNN for the rest and
-    for the weight gradient. On an H100 (bf16, ConvNeXt-T shapes) it takes 1.82 ms of
-    depthwise conv per 128x224^2 inference step against cuDNN's 2.29, and 4.41 ms against
-    6.70 for a 32x512^2 training step's forward convs, input-gradient convs and residual
-    adds (the kernel adds the residual). ``cudnn`` uses cuDNN alone. ``triton``: the Triton
+    Default ``cuda``: this package's CUDA kernels (`cuda_dwconv`, built by NVRTC) for
+    half-precision channels_last input with channels in groups of 4, cuDNN for the rest.
+    On an H100 (bf16, ConvNeXt-T shapes) the conv takes 1.82 ms per 128x224^2 inference
+    step against cuDNN's 2.29, and 4.41 ms against 6.70 for a 32x512^2 training step's
+    forward convs, input-gradient convs and residual adds (the kernel adds the residual);
+    the weight gradient 2.34 against 2.41 ms there and 0.87 against 1.88 ms in a
+    2x800x1333 detection step. ``cudnn`` uses cuDNN alone. ``triton``: the Triton
     conv kernels were on par with cuDNN at C=96/192/768 but pathologically slow at C=384
     (6.9 ms against 0.19 ms for 32x384x32x32 on an H100)."""
     name = os.environ.get("CONVNEXT_DWCONV", "cuda").strip().lower()
@@ -137,6 +138,21 @@ def _library_conv_input_grad(dy4: Tensor, dw_weight: Tensor, mirrored_c: Tensor,
     dx = _empty_nchw_channels_last(dy4, (n, c, hh, ww), dx_dtype)
     torch.add(dout, _depthwise_conv7(dy4, mirrored_c), out=dx)
     return dx
+
+
+def _library_conv_weight_grad(dy4: Tensor, xc: Tensor, weight_c: Tensor, conv_impl: int
+                              ) -> Tensor:
+    """The conv's weight gradient, (C, 1, 7, 7) fp32, from dy and the compute-dtype input xc
+    (`weight_c`: any (C, 1, 7, 7) weight in their dtype; cuDNN takes its shape from it)."""
+    if conv_impl == CONV_CUDA and cuda_dwconv.supports(dy4) and cuda_dwconv.supports(xc):
+        try:
+            return cuda_dwconv.depthwise_conv7_weight_grad(xc, dy4)
+        except cuda_dwconv.KernelUnavailable:
+            pass
+    c = xc.shape[1]
+    _, ddw, _ = torch.ops.aten.convolution_backward(
+        dy4, xc, weight_c, [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c, [False, True, False])
+    return ddw.float().contiguous()
 
 
 def _y_lacks_conv_bias(c: int, cdt: torch.dtype, conv_impl: int) -> bool:
@@ -318,11 +334,7 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
             # (H100, bf16, 32x96x128x128: 0.34 vs 0.87 ms; tools/microbench_kernels.py).
             dx = _library_conv_input_grad(dy4, dw_weight, wc_mirrored, dout, do, dx_dtype,
                                           conv_impl)
-            # The weight gradient reads only dy and x; the weight gives its shape and dtype.
-            _, ddw, _ = torch.ops.aten.convolution_backward(
-                dy4, xc, wc_mirrored, [c], [1, 1], [3, 3], [1, 1], False, [0, 0], c,
-                [False, True, False])
-            ddw = ddw.float().contiguous()
+            ddw = _library_conv_weight_grad(dy4, xc, wc_mirrored, conv_impl)
             ddw_b = dy_sum
         else:
             xf = _nhwc(x)
@@ -408,6 +420,9 @@ class _BlockFunction(torch.autograd.Function):
         output = _block_fwd_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[-1])  # out_lp: a copy for the next block's conv
+        # out_lp gets no gradient: without this, autograd would pass backward a zero-filled
+        # tensor of its size (a memory pass per block); an unused out arrives as None.
+        ctx.set_materialize_grads(False)
         return output[0], output[-1]
 
     @staticmethod

@@ -55,6 +55,7 @@ class _StemFunction(torch.autograd.Function):
         if lp is None:
             lp = out.new_empty((0,), dtype=cdt)
         ctx.mark_non_differentiable(lp)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lp (see block.py)
         return out, lp
 
     @staticmethod
@@ -62,6 +63,8 @@ class _StemFunction(torch.autograd.Function):
         from . import _kernels
 
         x, weight, y, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
+        if dout is None:  # the output was not used
+            return (None,) * 9
         n, c, hp, wp = dout.shape
         patch = weight.shape[-1]
         do = _rows(dout)
