@@ -3,7 +3,7 @@
 CPU (CI): every variant of the conv and of the weight-gradient kernel compiles with NVRTC
 for Ampere and Hopper without spilling, in at most 128 registers and within the shared
 memory it may have (48 KB for the conv; the opt-in limit for the weight gradient); the
-weight gradient's tile widths pad the image least;
+weight gradient's tile width loads the fewest columns;
 argument errors name what is valid; the switch is parsed strictly; CPU tensors are not
 taken. GPU (`pytest -m gpu` on the device): the kernels against an fp64 conv (and its weight
 gradient) of the same rounded inputs, for each variant and for shapes that exercise
@@ -214,8 +214,9 @@ def test_gpu_weight_gradient_matches_fp64(dtype):
     """The weight gradient in fp32 against fp64 from the same half-precision x and dy: only
     the fp32 summation order differs (cuDNN's bf16 result is 1.7e-3 off here)."""
     torch.manual_seed(0)
-    # SHAPES, ConvNeXt-T's training stage 1 (8-row tiles, 32-wide strips) and detection
-    # stage 1 (24-wide strips), and a width of 30 (one 32-wide strip, 2 columns past it).
+    # SHAPES (W=21: 24-wide strips; W<=16: 16-wide), ConvNeXt-T's training stage 1 (8-row
+    # tiles, 32-wide strips) and detection stage 1 (25 row tiles, the last strip cut), and
+    # a width of 30 (one 32-wide strip, 2 columns past the image).
     for n, c, h, w in SHAPES + [(32, 96, 128, 128), (2, 96, 200, 336), (3, 16, 19, 30)]:
         x = torch.randn(n, h, w, c, device="cuda").to(dtype).permute(0, 3, 1, 2)
         dy = torch.randn(n, h, w, c, device="cuda").to(dtype).permute(0, 3, 1, 2)

@@ -21,8 +21,9 @@ gelu(h) and pwconv1's bias gradient in the same pass), LayerNorm backward in Tri
 input gradient as a forward conv with mirrored taps and its weight gradient
 (`CONVNEXT_DWCONV=cuda`, default: the CUDA kernels, the first also adding the residual's
 gradient, the second summing in fp32; `=cudnn`: cuDNN, the taps mirrored by the launch
-that casts the weights), or both with Triton (`=triton`). The backward kernels' column sums (dout's, dh's, the LayerNorm's)
-share one buffer and one reduction launch (`_kernels.ColumnSums`).
+that casts the weights), or both with Triton (`=triton`). The backward kernels' column
+sums (dout's, dh's, the LayerNorm's) share one buffer and one reduction launch
+(`_kernels.ColumnSums`).
 Not saved: xn (rebuilt by the LayerNorm-backward kernel), gelu(h) (recomputed), z (gamma's
 gradient is sum_k W2[c,k] (dout^T gelu(h))[c,k] + b2[c] sum_p dout[p,c], from the product
 that W2's gradient needs anyway). No matmul is recomputed.

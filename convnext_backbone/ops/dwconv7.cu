@@ -208,8 +208,8 @@ dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
 // about 6 blocks per SM were the fastest of 2/4/8 groups and 2-8 blocks. Summed over
 // ConvNeXt-T's blocks it takes 2.34 ms against cuDNN's 2.41 for a 32x512^2 training step,
 // and 0.87 against 1.88 ms for a 2x800x1333 detection step, where cuDNN's kernels are
-// poor (0.093 against 0.344 ms at 2x96x200x336); its fp32 result is 1e-7 from fp64, cuDNN's
-// bf16 one 1.7e-3.
+// poor (0.093 against 0.344 ms at 2x96x200x336; the graph-mode detection step: 10.80
+// against 11.83 ms); its fp32 result is 1e-7 from fp64, cuDNN's bf16 one 1.7e-3.
 #define WG_MAX_ROWS 8
 #define WG_X_COLS (TILE_W + 6)
 // Row strides in uint2, padded to GROUPS_PER_BLOCK modulo 16 (128 bytes): the tap rows a
@@ -322,7 +322,8 @@ dwconv7_wgrad_nhwc(const uint2* __restrict__ x, const uint2* __restrict__ dy,
     for (int c = 0; c < VEC; ++c) mine[kw * VEC + c] = acc[kw][c];
   __syncthreads();
   const int channels = groups * VEC;
-  float* out = partial + (long long)blockIdx.x * channels * TAPS + (long long)first_group * VEC * TAPS;
+  float* out = partial + (long long)blockIdx.x * channels * TAPS +
+               (long long)first_group * VEC * TAPS;
   for (int e = threadIdx.x; e < GROUPS_PER_BLOCK * VEC * TAPS; e += blockDim.x) {
     const int channel = e / TAPS, tap = e - channel * TAPS;
     const int tap_row = tap / 7, tap_col = tap - tap_row * 7;
