@@ -422,7 +422,7 @@ class _BlockFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[-1])  # out_lp: a copy for the next block's conv
         # out_lp gets no gradient: without this, autograd would pass backward a zero-filled
-        # tensor of its size (a memory pass per block); an unused out arrives as None.
+        # tensor of its size (a memory pass per block).
         ctx.set_materialize_grads(False)
         return output[0], output[-1]
 

@@ -55,7 +55,9 @@ class _StemFunction(torch.autograd.Function):
         if lp is None:
             lp = out.new_empty((0,), dtype=cdt)
         ctx.mark_non_differentiable(lp)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for lp (see block.py)
+        # No zero-filled gradient for lp; out, the one differentiable output, always has
+        # one when backward runs.
+        ctx.set_materialize_grads(False)
         return out, lp
 
     @staticmethod
@@ -63,8 +65,6 @@ class _StemFunction(torch.autograd.Function):
         from . import _kernels
 
         x, weight, y, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
-        if dout is None:  # the output was not used
-            return (None,) * 9
         n, c, hp, wp = dout.shape
         patch = weight.shape[-1]
         do = _rows(dout)
