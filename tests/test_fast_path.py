@@ -326,6 +326,7 @@ def test_direct_launch_reuses_the_compiled_kernel(monkeypatch):
 
     class Jit:
         arg_names = ["x_ptr", "n", "eps", "BLOCK", "FLAG"]
+        constexprs = [3, 4]
 
         def __getitem__(self, grid):
             def go(*args, **kwargs):
@@ -347,6 +348,9 @@ def test_direct_launch_reuses_the_compiled_kernel(monkeypatch):
     k[(5,)](x[1:], 48, 1e-5, BLOCK=128, FLAG=True, num_warps=4)  # misaligned pointer
     k[(5,)](x, 48, 1e-5, BLOCK=64, FLAG=True, num_warps=4)  # another constexpr
     assert [c[0] for c in calls[2:]] == ["triton", "triton", "triton"]
+    # A constexpr passed positionally would share the key of other values: refused.
+    with pytest.raises(TypeError, match=r"constexprs \['BLOCK'\] by keyword"):
+        k[(5,)](x, 48, 1e-5, 256, FLAG=True, num_warps=4)
     monkeypatch.setattr(_launch, "_hooks_set", lambda: True)  # e.g. a profiler's hooks
     k[(5,)](x, 48, 1e-5, BLOCK=128, FLAG=True, num_warps=4)
     assert calls[-1][0] == "triton"
@@ -450,6 +454,26 @@ def check_ln_mlp(P: int, C: int, device: str, dtype: torch.dtype, tol: float) ->
     errs = [_rel(buf[:P], ref), _rel(lp.float(), ref), _rel(h.float(), h_r.float()),
             _rel(mean, mean_r.flatten()), _rel(rstd, rstd_r.flatten()), _rel(inf, ref)]
     assert max(errs) < tol, (P, C, errs)
+
+
+def check_linear_gelu(P: int, C: int, device: str, dtype: torch.dtype, tile, tol: float
+                      ) -> None:
+    """`_kernels.linear_gelu` at (P, C) -> (P, 4C) against gelu of the product rounded to
+    dtype (fp32 reference), every element (masked row tiles, each tile of the grouped
+    order); imported by the interpreter test's subprocess."""
+    import torch.nn.functional as F
+
+    from convnext_backbone.ops import _kernels as K
+
+    g = torch.Generator(device="cpu").manual_seed(P + C)
+    x = torch.randn(P, C, generator=g).to(dtype).to(device)
+    w = (torch.randn(4 * C, C, generator=g) * C ** -0.5).to(dtype).to(device)
+    b = (torch.randn(4 * C, generator=g) * 0.1).to(device)
+    ref = F.gelu((x.float() @ w.float().t() + b).to(dtype).float())
+    got = K.linear_gelu(x, w, b, tile=tile)
+    assert got.shape == (P, 4 * C) and got.dtype == dtype
+    assert _rel(got.float(), ref) < tol, (P, C, _rel(got.float(), ref))
+    assert ((got.float() - ref).abs() <= ref.abs() * 2 ** -6 + 2e-2).all(), (P, C)
 
 
 if HAS_TRITON:
@@ -675,6 +699,31 @@ def test_ln_mlp_output_parts_in_triton_interpreter():
             (32, 16), (64, 64), (64, 0), (64, 32), (128, 64)]
         for P, C in [(70, 48), (64, 112), (33, 64)]:
             check_ln_mlp(P, C, "cpu", torch.float16, 2e-3)
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_linear_gelu_in_triton_interpreter():
+    """pwconv1 + GELU in one kernel (half-precision inference of wide blocks): the default
+    tile, and a small one over 5 row tiles (the last cut by P) x 2 column tiles in groups of
+    2 (the last group of one); shapes it cannot take are refused, naming what it needs."""
+    out = _run_in_interpreter("""
+        import sys
+        import torch
+        from convnext_backbone.ops import _kernels as K
+        sys.path.insert(0, "tests")
+        from test_fast_path import check_linear_gelu
+        check_linear_gelu(70, 64, "cpu", torch.float16, None, 2e-3)
+        check_linear_gelu(300, 128, "cpu", torch.float16, (64, 256, 64, 4, 3, 2), 2e-3)
+        x, w = torch.zeros(4, 96, dtype=torch.float16), torch.zeros(384, 96, dtype=torch.float16)
+        try:
+            K.linear_gelu(x, w, torch.zeros(384))
+        except ValueError as err:
+            assert "K a multiple of 64" in str(err), err
+        else:
+            raise AssertionError("K=96 taken")
         print("OK")
     """)
     assert "OK" in out
@@ -965,6 +1014,42 @@ def test_gpu_ln_mlp_kernel_matches_reference(C):
     """The compiled fused LN-MLP kernel (bf16, Hopper MMA) at ConvNeXt-T/B's widths and one
     whose output rest is padded and masked (112 = 64 + 48): `check_ln_mlp`, <= 1e-2."""
     check_ln_mlp(1000, C, "cuda", torch.bfloat16, 1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("P,C", [(1000, 384), (257, 768)])
+def test_gpu_linear_gelu_matches_reference(P, C):
+    """The compiled pwconv1 + GELU kernel (bf16, Hopper MMA) at ConvNeXt-T's stage 3 and 4
+    widths, its default tile."""
+    check_linear_gelu(P, C, "cuda", torch.bfloat16, None, 1e-2)
+
+
+@gpu
+def test_gpu_wide_inference_blocks_use_linear_gelu(monkeypatch):
+    """bf16 inference blocks of width >= 384 run pwconv1 + GELU as one kernel on Hopper
+    (elsewhere cuBLAS + GELU), training blocks never (they keep h for backward); outputs
+    match the reference path."""
+    from convnext_backbone.ops import _kernels
+
+    calls = []
+    real = _kernels.linear_gelu
+    monkeypatch.setattr(_kernels, "linear_gelu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 2, 1],
+                         out_features=STAGES)
+    m = ConvNextBackbone(cfg).cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 128, 160, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        got = m(x).feature_maps
+        with ops.fast_path(False):
+            want = m(x).feature_maps
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert len(calls) == (3 if hopper else 0)
+    for a, b in zip(got, want):
+        assert _rel(a.float(), b.float()) <= 1e-2
+    calls.clear()
+    with torch.autocast("cuda", torch.bfloat16):
+        m.train()(x.requires_grad_(True)).feature_maps[-1].float().sum().backward()
+    assert not calls
 
 
 @gpu

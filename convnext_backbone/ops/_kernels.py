@@ -55,7 +55,8 @@ from ._launch import direct_launch
 
 __all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
            "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add", "cast_params",
-           "layer_scale_grads", "ColumnSums", "stem_patchify_ln", "stem_supported"]
+           "layer_scale_grads", "ColumnSums", "stem_patchify_ln", "stem_supported",
+           "linear_gelu", "linear_gelu_supported"]
 
 
 # Host-side integer helpers in plain Python: in recent Triton (3.6, 3.8) `triton.cdiv` and
@@ -626,8 +627,8 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 # Widest C the fused kernel takes. Measured on an H100 (bf16, tools/microbench_ln_mlp.py):
 # at C=96 and 192 it beats LayerNorm + cuBLAS + GELU + addcmul (memory-bound there); at
 # C=384 the unfused cuBLAS products were faster (compute-bound, and the fused kernel's
-# register-resident tiles are small; measured with the kernel's first version), so wider
-# stages keep the unfused sequence.
+# register-resident tiles are small: with its current version, 0.35 against 0.22 ms per
+# 128x14x14 inference block), so wider stages keep the unfused sequence.
 LN_MLP_MAX_C = 256
 
 
@@ -693,6 +694,83 @@ def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
         OUT_B=out_b, BLOCK_M=block_m, BLOCK_H=block_h, STORE_H=store_h,
         STORE_LP=out_lp is not None, num_warps=num_warps, num_stages=num_stages)
     return (h, mean, rstd) if store_h else None
+
+
+@direct_launch
+@triton.jit
+def _linear_gelu_kernel(a_ptr, w_ptr, b_ptr, g_ptr, M, N: tl.constexpr, K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    # Tiles in groups of GROUP_M row tiles, column tiles varying slowest within a group, so
+    # that the A rows a group reads stay in L2 while every column tile takes them.
+    pid = tl.program_id(0)
+    col_tiles: tl.constexpr = N // BLOCK_N
+    group = pid // (GROUP_M * col_tiles)
+    first_m = group * GROUP_M
+    group_m = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * col_tiles)) % group_m
+    pid_n = (pid % (GROUP_M * col_tiles)) // group_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = (rows < M)[:, None]
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    w_ptrs = w_ptr + cols[:, None] * K + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=rmask, other=0.0)
+        acc = tl.dot(a, tl.trans(tl.load(w_ptrs)), acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    hq = acc.to(g_ptr.dtype.element_ty)  # the reference rounds pwconv1's output before the GELU
+    tl.store(g_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+             _gelu(hq.to(tl.float32)).to(g_ptr.dtype.element_ty), mask=rmask)
+
+
+# linear_gelu's tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M): the fastest
+# of eight on an H100 at ConvNeXt-T's inference stages 3 and 4 (bf16, 128x224^2), where it
+# takes 1.12 ms against cuBLAS + aten GELU's 1.30 (.perf sweep, README "Speed and memory");
+# with h also stored (training) every tile was slower than cuBLAS + GELU, so training keeps
+# them.
+_LINEAR_GELU_TILE = (128, 256, 64, 8, 3, 8)
+_CAPABILITIES: dict = {}
+
+
+def linear_gelu_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear_gelu` takes (P, K) x and (N, K) w: half precision, on a Hopper GPU
+    (the one its tile was measured on; elsewhere cuBLAS + GELU stay), K a multiple of 64
+    and N of 256 (no tails: every ConvNeXt width from 384 on)."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+            and x.is_contiguous() and w.is_contiguous()):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITIES.get(index)
+    if cap is None:
+        cap = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    _, block_n, block_k = _LINEAR_GELU_TILE[:3]
+    return cap[0] == 9 and x.shape[1] % block_k == 0 and w.shape[0] % block_n == 0
+
+
+def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                tile: Optional[Tuple[int, int, int, int, int, int]] = None) -> torch.Tensor:
+    """gelu(x @ w^T + b) for (P, K) contiguous x and (N, K) contiguous w of one half
+    dtype, b (N,) of any float dtype: the product rounded to x's dtype (as cuBLAS returns
+    it) before the exact GELU (`_gelu`), the result in x's dtype. The product is never
+    written: the inference blocks' pwconv1 without a pass of GELU over it.
+    `tile`: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M), for sweeps and
+    tests; K must be a multiple of BLOCK_K and N of BLOCK_N."""
+    block_m, block_n, block_k, num_warps, num_stages, group_m = tile or _LINEAR_GELU_TILE
+    P, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K or K % block_k or N % block_n:
+        raise ValueError(f"linear_gelu needs w (N, {K}) with K a multiple of {block_k} and N "
+                         f"of {block_n}, got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    g = torch.empty((P, N), device=x.device, dtype=x.dtype)
+    _linear_gelu_kernel[(_cdiv(P, block_m) * (N // block_n),)](
+        x, w, b, g, P, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+    return g
 
 
 @direct_launch

@@ -114,6 +114,13 @@ class _DirectLaunch:
         key = (device, tuple(map(_spec, args)), tuple(kwargs.items()))
         entry = self._cache.get(key)
         if entry is None:
+            # The key holds runtime arguments by specialisation, not value: a constexpr among
+            # them would reuse a kernel compiled for another value.
+            positional = [name for k, name in enumerate(self.fn.arg_names[:len(args)])
+                          if k in getattr(self.fn, "constexprs", ())]
+            if positional:
+                raise TypeError(f"{getattr(self.fn, '__name__', self.fn)}: pass the "
+                                f"constexprs {positional} by keyword")
             kernel = self.fn[grid](*args, **kwargs)
             # The compiled kernel's launcher takes every parameter in signature order,
             # constexprs included; ours come positionally, then by keyword.

@@ -13,7 +13,9 @@ Forward, on NHWC pixels (a channels_last NCHW tensor, no permute copy):
 In bf16/fp16 at widths <= 256 everything after the conv is one Triton kernel
 (`_kernels.ln_mlp_residual`): xn, gelu(h) and z never reach memory, and h is written only
 when backward needs it. Wider blocks, and fp32 (exact cuBLAS products wanted), run a
-Triton LayerNorm, cuBLAS addmm, aten gelu and one addcmul.
+Triton LayerNorm, cuBLAS addmm, aten gelu and one addcmul; in half-precision inference on
+Hopper, pwconv1 and the GELU are one Triton kernel (`_kernels.linear_gelu`: h never
+reaches memory).
 Saved for backward: the conv input (x, or its bf16 copy when the CUDA kernel or cuDNN
 convolves under autocast), y, h, mean, rstd. Backward: GELU backward in Triton (also giving
 gelu(h) and pwconv1's bias gradient in the same pass), LayerNorm backward in Triton
@@ -240,9 +242,14 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
             taps = dw_weight.reshape(c, 49).t().contiguous()
             y, xn, mean, rstd = _kernels.dwconv7(xf, taps, dw_bias, n, hh, ww, c, cdt,
                                                  ln=(ln_weight, ln_bias, eps))
-        h = torch.addmm(b1, xn, w1.t())
+        if not keep_for_backward and _kernels.linear_gelu_supported(xn, w1):
+            g = _kernels.linear_gelu(xn, w1, b1)  # h is never written
+        else:
+            h = torch.addmm(b1, xn, w1.t())
+            g = F.gelu(h)
         del xn
-        z = torch.addmm(b2, F.gelu(h), w2.t())
+        z = torch.addmm(b2, g, w2.t())
+        del g
         if emit_lp:
             _kernels.residual_scale_add(xf, z, gamma, out_pc, out_lp_pc)
         else:

@@ -5,16 +5,17 @@ cuDNN's depthwise kernels are far from the hardware's limits on NHWC half-precis
 (an H100 inference step at 128x224^2 spends 2.3 ms of 7.75 in them, where the conv's
 multiply-adds alone need about 0.4 ms), and none of three Triton designs beat them: Triton
 cannot keep a sliding window of input pixels in registers. This kernel does (see the
-source's header). On an H100, summed over ConvNeXt-T's blocks, it takes 1.82 ms for that
-step's convs against cuDNN's 2.29, and 4.41 ms against 6.70 for a 32x512^2 training
-step's forward convs, input-gradient convs and the residual adds it fuses. The weight
-gradient (`depthwise_conv7_weight_grad`) is on par with cuDNN's in that training step
-(2.34 against 2.41 ms) and twice as fast in a 2x800x1333 detection step (0.87 against
-1.88 ms), and sums in fp32 where cuDNN returns bf16.
+source's header). On an H100, summed over ConvNeXt-T's blocks, it takes 1.47 ms for that
+step's convs (cuDNN: 2.29), and 3.72 ms (cuDNN: 6.70) for a 32x512^2 training step's
+forward convs, input-gradient convs and the residual adds it fuses. The weight gradient
+(`depthwise_conv7_weight_grad`) takes 1.80 ms in that training step (cuDNN: 2.41) and
+0.76 in a 2x800x1333 detection step (cuDNN: 1.88), and sums in fp32 where cuDNN returns
+bf16. (cuDNN's times are from earlier sweeps on the same GPU model.)
 
 It is compiled by NVRTC, which CUDA builds of PyTorch ship and load, so nothing is needed
 beyond torch: no nvcc, no build step, no download. Each variant (dtype, output dtype,
-residual, mirrored taps, channels per block; for the weight gradient, the tile width) is
+residual, mirrored taps, channels per block, 16- or 8-byte copies; for the weight
+gradient, the tile width) is
 compiled once per process and device capability (about 0.2 s), loaded into the device's
 primary context, and launched through the driver's ``cuLaunchKernel`` on the current
 stream.
@@ -41,8 +42,9 @@ __all__ = ["available", "unavailable_reason", "supports", "depthwise_conv7",
 _SOURCE_PATH = Path(__file__).with_name("dwconv7.cu")
 PIX = 8  # output pixels along W per thread (dwconv7.cu's PIX)
 _VEC = 4  # channels per thread (dwconv7.cu's VEC): one 8-byte load
-_MAX_GROUPS_PER_BLOCK = 12  # with 16 rows: 39.7 KB of shared memory (48 KB without opt-in)
-_MAX_TILE_ROWS = 16  # dwconv7.cu's MAX_TILE_ROWS
+_MAX_GROUPS_PER_BLOCK = 12
+_MAX_TILE_ROWS = 32  # dwconv7.cu's MAX_TILE_ROWS: with 12 groups, 71 KB of shared memory
+_SMALL_TILE_ROWS = 16  # where two blocks of _MAX_TILE_ROWS do not fit an SM
 _lock = threading.Lock()
 _nvrtc: Optional[ctypes.CDLL] = None
 _cuda: Optional[ctypes.CDLL] = None
@@ -106,9 +108,15 @@ def _check_cuda(cuda: ctypes.CDLL, code: int, what: str) -> None:
 
 
 def _macros(elem_bf16: bool, out_fp32: bool, residual: int, mirror: bool,
-            groups_per_block: int) -> Dict[str, int]:
+            groups_per_block: int, copy16: bool = False) -> Dict[str, int]:
     return {"ELEM_BF16": int(elem_bf16), "OUT_FP32": int(out_fp32), "RESIDUAL": residual,
-            "MIRROR_TAPS": int(mirror), "GROUPS_PER_BLOCK": groups_per_block}
+            "MIRROR_TAPS": int(mirror), "GROUPS_PER_BLOCK": groups_per_block,
+            "COPY16": int(copy16)}
+
+
+def _copy16(groups_per_block: int, *tensors: Tensor) -> bool:
+    # 16-byte copies take two channel groups: an even count a block, 16-byte aligned data.
+    return groups_per_block % 2 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def compile_source(macros: Dict[str, int], arch: str, extra_options: Tuple[str, ...] = ()
@@ -219,10 +227,32 @@ def _tile_bytes(groups_per_block: int, tile_rows: int) -> int:
     return (tile_rows + 6) * ((PIX + 6) * groups_per_block + 4) * 8
 
 
-def _tile_rows(height: int) -> int:
-    # As many rows as evenly split the image into tiles of at most _MAX_TILE_ROWS (56 -> 14).
-    tiles = -(-height // _MAX_TILE_ROWS)
+def _tile_rows(height: int, max_rows: int) -> int:
+    # As many rows as evenly split the image into tiles of at most max_rows (56 -> 28).
+    tiles = -(-height // max_rows)
     return -(-height // tiles)
+
+
+def _static_smem_bytes(groups_per_block: int) -> int:
+    # dwconv7.cu's tap_tile and raw_taps: 49 fp32 taps of each channel, twice.
+    return 2 * 49 * groups_per_block * _VEC * 4
+
+
+_max_rows: Dict[int, int] = {}
+
+
+def _max_tile_rows(device: torch.device) -> int:
+    """_MAX_TILE_ROWS where two such blocks fit an SM's shared memory (H100: 228 KB, A100:
+    164 KB; measured on the H100, 6% faster than 16-row tiles), else _SMALL_TILE_ROWS
+    (sm_86/89: 100 KB), so that one block's sums hide another's copies."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    rows = _max_rows.get(index)
+    if rows is None:
+        per_sm = torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor
+        block = (_tile_bytes(_MAX_GROUPS_PER_BLOCK, _MAX_TILE_ROWS)
+                 + _static_smem_bytes(_MAX_GROUPS_PER_BLOCK) + 1024)  # 1 KB reserved a block
+        rows = _max_rows[index] = _MAX_TILE_ROWS if per_sm >= 2 * block else _SMALL_TILE_ROWS
+    return rows
 
 
 def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
@@ -245,8 +275,8 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
     if out_dtype not in (x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be {x.dtype} or torch.float32, got {out_dtype}")
     taps = taps.reshape(c, 49)
-    if taps.dtype != torch.float32 or not taps.is_contiguous():
-        taps = taps.float().contiguous()
+    if taps.dtype != torch.float32 or not taps.is_contiguous() or taps.data_ptr() % 16:
+        taps = taps.float().clone()  # the kernel reads them four at a time
     residual_kind = 0
     if residual is not None:
         if residual.shape != x.shape or residual.dtype not in (torch.float32, x.dtype):
@@ -257,10 +287,12 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
         if residual.data_ptr() % 16:
             residual = residual.clone(memory_format=torch.channels_last)
     groups = c // _VEC
-    gpb, tile_rows = _groups_per_block(groups), _tile_rows(h)
+    gpb = _groups_per_block(groups)
     func = _function(x.device, "dwconv7_nhwc",
                      _macros(x.dtype == torch.bfloat16, out_dtype == torch.float32,
-                             residual_kind, mirror, gpb))
+                             residual_kind, mirror, gpb, _copy16(gpb, x)),
+                     dynamic_smem=_tile_bytes(gpb, _MAX_TILE_ROWS))
+    tile_rows = _tile_rows(h, _max_tile_rows(x.device))
     out = x.new_empty((n, h, w, c), dtype=out_dtype).permute(0, 3, 1, 2)
     strips = (w + PIX - 1) // PIX
     _launch(func, (n * strips * (-(-h // tile_rows)), groups // gpb), gpb * tile_rows,
@@ -293,12 +325,13 @@ def _launch(func: ctypes.c_void_p, grid: Tuple[int, int], threads: int, smem: in
 _WG_TILE_WIDTHS = (32, 24, 16)
 _WG_MAX_ROWS = 8  # dwconv7.cu's WG_MAX_ROWS
 _WG_GROUPS = 4
-_WG_BLOCKS_PER_SM = 6
+_WG_BLOCKS_PER_SM = 4
 
 
-def _wgrad_macros(elem_bf16: bool, groups_per_block: int, tile_w: int) -> Dict[str, int]:
+def _wgrad_macros(elem_bf16: bool, groups_per_block: int, tile_w: int, copy16: bool = False
+                  ) -> Dict[str, int]:
     return {"WGRAD": 1, "ELEM_BF16": int(elem_bf16), "GROUPS_PER_BLOCK": groups_per_block,
-            "TILE_W": tile_w}
+            "TILE_W": tile_w, "COPY16": int(copy16)}
 
 
 def _wgrad_pad(n: int, groups_per_block: int) -> int:
@@ -328,7 +361,8 @@ def _sm_count(device: torch.device) -> int:
 _wgrad_plans: Dict[Tuple, Tuple] = {}  # (device, dtype, shape) -> _wgrad_plan's answer
 
 
-def _wgrad_plan(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int, w: int
+def _wgrad_plan(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int, w: int,
+                aligned16: bool
                 ) -> Tuple[ctypes.c_void_p, Tuple[int, int], int, int, Tuple[int, ...]]:
     """(kernel, grid, threads, shared memory, int parameters) of a weight-gradient launch:
     worked out once per shape (eager steps are bound by the host's time per launch)."""
@@ -344,7 +378,8 @@ def _wgrad_plan(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int
     tiles_per_chunk = -(-tiles // min(tiles, wanted_chunks))
     chunks = -(-tiles // tiles_per_chunk)
     func = _function(device, "dwconv7_wgrad_nhwc",
-                     _wgrad_macros(dtype == torch.bfloat16, gpb, tile_w),
+                     _wgrad_macros(dtype == torch.bfloat16, gpb, tile_w,
+                                   aligned16 and gpb % 2 == 0),
                      dynamic_smem=_wgrad_smem_bytes(gpb, tile_w, _WG_MAX_ROWS))
     return (func, (chunks, channel_blocks), gpb * 7 * tile_rows,
             _wgrad_smem_bytes(gpb, tile_w, tile_rows),
@@ -367,10 +402,11 @@ def depthwise_conv7_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     if dy.data_ptr() % 8:
         dy = dy.clone(memory_format=torch.channels_last)
     n, c, h, w = x.shape
-    key = (x.device.index, x.dtype, n, c, h, w)
+    aligned16 = x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0
+    key = (x.device.index, x.dtype, n, c, h, w, aligned16)
     plan = _wgrad_plans.get(key)
     if plan is None:
-        plan = _wgrad_plans[key] = _wgrad_plan(x.device, x.dtype, n, c, h, w)
+        plan = _wgrad_plans[key] = _wgrad_plan(x.device, x.dtype, n, c, h, w, aligned16)
     func, grid, threads, smem, ints = plan
     chunks = grid[0]
     partial = x.new_empty((chunks, c, 49), dtype=torch.float32)

@@ -6,26 +6,29 @@
 //   RESIDUAL          0: none; 1: an fp32 tensor added to the fp32 sum; 2: one in the input's type
 //   MIRROR_TAPS       1: the taps are used mirrored (the conv's input gradient)
 //   GROUPS_PER_BLOCK  channel groups (of VEC channels) a thread block covers
+//   COPY16            1: tiles are copied 16 bytes (two groups) at a time; needs an even
+//                     GROUPS_PER_BLOCK and 16-byte aligned tensors. 0: 8 bytes
 //   WGRAD             1: build the weight-gradient kernel (below) instead of the conv;
-//                     with it only ELEM_BF16, GROUPS_PER_BLOCK and TILE_W count
+//                     with it only ELEM_BF16, GROUPS_PER_BLOCK, COPY16 and TILE_W count
 // and these run-time parameters besides the tensors' sizes:
 //   tile_rows         output rows a thread block covers (one strip of PIX pixels wide), at
 //                     most MAX_TILE_ROWS; the block has GROUPS_PER_BLOCK * tile_rows threads
 //
 // A thread block first copies its input tile (tile_rows + 6 rows by PIX + 6 pixels by its
 // channels) into shared memory with cp.async: every load of the tile in flight at once,
-// pixels outside the image zero-filled (the padding). Its channels' taps are staged next
-// to it, rounded to the input's type as autocast rounds the fp32 weight. Then each thread
-// computes VEC channels of PIX neighbouring output pixels of one row: for each of the 7
-// input rows it reads the PIX + 6 pixels once, and each value feeds up to 7 fused
-// multiply-adds from registers.
+// pixels outside the image zero-filled (the padding). Its channels' taps come in the same
+// copy and are then rounded to the input's type (as autocast rounds the fp32 weight) and
+// transposed in shared memory. Then each thread computes VEC channels of PIX neighbouring
+// output pixels of one row: for each of the 7 input rows it reads the PIX + 6 pixels once,
+// and each value feeds up to 7 fused multiply-adds from registers.
 //
 // Measured on H100/H200 (.perf sweeps, README "Speed and memory"): this tiled form with 4
-// channels, 8 pixels, up to 16 rows and 12 groups per block was the fastest; the same
-// thread work reading its rows straight from global memory (through L1) took 8% longer in
-// inference and 18% longer in training, with 8 channels per thread (221 registers) it was
-// only on par with cuDNN, and 4/6/7/16 pixels, 128-512 threads, 2D tiles of strips, the
-// next row prefetched into registers and the row loop unrolled were all slower.
+// channels, 8 pixels and 12 groups per block was the fastest, with up to 16 rows until the
+// copies were made cheaper and up to 32 since (6% faster then); the same thread work
+// reading its rows straight from global memory (through L1) took 8% longer in inference
+// and 18% longer in training, with 8 channels per thread (221 registers) it was only on
+// par with cuDNN, and 4/6/7/16 pixels, 128-512 threads, 2D tiles of strips, the next row
+// prefetched into registers and the row loop unrolled were all slower.
 
 typedef unsigned int u32;
 
@@ -76,7 +79,7 @@ __device__ __forceinline__ void unpack(const uint2 v, float (&f)[VEC]) {
   lo_hi_to_float(v.y, f[2], f[3]);
 }
 
-#define MAX_TILE_ROWS 16
+#define MAX_TILE_ROWS 32
 #define TILE_COLS (PIX + 6)
 #define ROW_STRIDE (TILE_COLS * GROUPS_PER_BLOCK + 4)  // in uint2; +32 B against bank conflicts
 // The host computes the tile's shared memory as (tile_rows + 6) * ROW_STRIDE * 8 bytes
@@ -88,12 +91,53 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
   return a;
 }
 
+#if COPY16
+#define COPY_GROUPS 2
+#else
+#define COPY_GROUPS 1
+#endif
+
+// Copies a window of `rows` x COLS pixels, from pixel (first_row, first_col) of the image
+// whose group 0 of this block is at t + image_base, into shared memory with cp.async:
+// pixel (r, c)'s groups at dst[r * stride + c * GROUPS_PER_BLOCK], zeros outside the image
+// (the padding). All of the block's threads take part (blockDim.x is a multiple of the
+// copies per pixel); a thread keeps one part of a pixel's groups and walks the pixels, so
+// its loop does one constant division and no 64-bit arithmetic (the tensors have fewer
+// than 2^31 elements) per copy.
+template <int COLS>
+__device__ __forceinline__ void copy_window(const uint2* __restrict__ t, int image_base,
+                                            int first_row, int first_col, int rows,
+                                            int height, int width, int groups, uint2* dst,
+                                            int stride) {
+  constexpr int copies_per_pixel = GROUPS_PER_BLOCK / COPY_GROUPS;
+  const int part = (threadIdx.x % copies_per_pixel) * COPY_GROUPS;
+  const int pixel_step = blockDim.x / copies_per_pixel;
+  const uint2* part_base = t + image_base + part;
+  const unsigned dst_base = shared_address(dst + part);
+  for (int pix = threadIdx.x / copies_per_pixel; pix < rows * COLS; pix += pixel_step) {
+    const int r = pix / COLS, c = pix - r * COLS;
+    const int row = first_row + r, col = first_col + c;
+    const bool inside = (unsigned)row < (unsigned)height && (unsigned)col < (unsigned)width;
+    // src-size 0 writes zeros and reads nothing; the address is then any valid one.
+    const uint2* src = inside ? part_base + (row * width + col) * groups : t;
+    const unsigned to = dst_base + (r * stride + c * GROUPS_PER_BLOCK) * 8;
+#if COPY16
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::
+                 "r"(to), "l"(src), "r"(inside ? 16 : 0));
+#else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::
+                 "r"(to), "l"(src), "r"(inside ? 8 : 0));
+#endif
+  }
+}
+
 #if !WGRAD
 extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * MAX_TILE_ROWS)
 dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
              const residual_t* __restrict__ residual, out_t* __restrict__ out,
              int images, int height, int width, int groups, int strips, int tile_rows) {
   __shared__ __align__(16) float tap_tile[TAPS][GROUPS_PER_BLOCK * VEC];
+  __shared__ __align__(16) float raw_taps[GROUPS_PER_BLOCK * VEC * TAPS];
   // (tile_rows + 6) * ROW_STRIDE entries, sized at launch: small images keep more blocks
   // resident.
   extern __shared__ __align__(16) uint2 in_tile[];
@@ -107,25 +151,27 @@ dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
   const int first_col = (rest / row_tiles) * PIX;
   const int first_row = (rest % row_tiles) * tile_rows;
 
-  const uint2* image_x = x + (long long)image * height * width * groups + first_group;
-  for (int e = threadIdx.x; e < (tile_rows + 6) * TILE_COLS * GROUPS_PER_BLOCK; e += blockDim.x) {
-    const int g = e % GROUPS_PER_BLOCK, pix = e / GROUPS_PER_BLOCK;
-    const int c = pix % TILE_COLS, r = pix / TILE_COLS;
-    const int in_row = first_row - 3 + r, in_col = first_col - 3 + c;
-    const bool inside = in_row >= 0 && in_row < height && in_col >= 0 && in_col < width;
-    // src-size 0 writes zeros and reads nothing; the address is then any valid one.
-    const uint2* src = inside ? image_x + ((long long)in_row * width + in_col) * groups + g : x;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::
-                 "r"(shared_address(&in_tile[r * ROW_STRIDE + c * GROUPS_PER_BLOCK + g])),
-                 "l"(src), "r"(inside ? 8 : 0));
-  }
+  copy_window<TILE_COLS>(x, image * height * width * groups + first_group, first_row - 3,
+                         first_col - 3, tile_rows + 6, height, width, groups, in_tile,
+                         ROW_STRIDE);
+  // The block's taps as stored, (channel, tap) fp32, 16-byte aligned (the host's check),
+  // copied with the tile; then rounded and transposed to (tap, channel) from shared memory.
+  // Loading them through registers put a global load's latency before every block's sums
+  // (0.23 of 1.55 ms in a 128x224^2 inference step's convs).
+  const float* block_taps = taps + first_group * VEC * TAPS;
+  for (int i = threadIdx.x; i < GROUPS_PER_BLOCK * TAPS; i += blockDim.x)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::
+                 "r"(shared_address(&raw_taps[4 * i])), "l"(block_taps + 4 * i));
   asm volatile("cp.async.commit_group;\n" ::);
-  const float* block_taps = taps + (long long)first_group * VEC * TAPS;
-  for (int i = threadIdx.x; i < TAPS * GROUPS_PER_BLOCK * VEC; i += blockDim.x) {
-    const int channel = i / TAPS, tap = i - channel * TAPS;
-    tap_tile[MIRROR_TAPS ? TAPS - 1 - tap : tap][channel] = round_to_elem(block_taps[i]);
-  }
   asm volatile("cp.async.wait_group 0;\n" ::);
+  __syncthreads();
+  // Consecutive threads take consecutive channels of one tap: no bank conflicts either way
+  // (the raw rows are 49 floats apart).
+  for (int i = threadIdx.x; i < TAPS * GROUPS_PER_BLOCK * VEC; i += blockDim.x) {
+    const int tap = i / (GROUPS_PER_BLOCK * VEC), channel = i - tap * (GROUPS_PER_BLOCK * VEC);
+    tap_tile[MIRROR_TAPS ? TAPS - 1 - tap : tap][channel] =
+        round_to_elem(raw_taps[channel * TAPS + tap]);
+  }
   __syncthreads();
 
   const int out_row = first_row + row_in_block;
@@ -204,12 +250,12 @@ dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
 // multiply-adds into its 7 x VEC sums. At the end the block adds its rows' sums and writes
 // one partial (C, 49) slice per chunk; the caller sums the chunks (no atomics: the result
 // does not depend on scheduling).
-// Measured on an H100 (bf16, .perf sweep, README "Speed and memory"): 4 groups a block and
-// about 6 blocks per SM were the fastest of 2/4/8 groups and 2-8 blocks. Summed over
-// ConvNeXt-T's blocks it takes 2.34 ms against cuDNN's 2.41 for a 32x512^2 training step,
-// and 0.87 against 1.88 ms for a 2x800x1333 detection step, where cuDNN's kernels are
-// poor (0.093 against 0.344 ms at 2x96x200x336; the graph-mode detection step: 10.80
-// against 11.83 ms); its fp32 result is 1e-7 from fp64, cuDNN's bf16 one 1.7e-3.
+// Measured on an H100 (bf16, .perf sweeps, README "Speed and memory"): 4 groups a block
+// were the fastest of 2/4/8 groups, and 3-6 blocks per SM within 2% of each other (4
+// kept; 9 and 12 slower). Summed over ConvNeXt-T's blocks it takes 1.80 ms for a
+// 32x512^2 training step (cuDNN: 2.41) and 0.76 ms for a 2x800x1333 detection step
+// (cuDNN: 1.88; its kernels are poor there: 0.344 ms at 2x96x200x336, ours 0.079); its
+// fp32 result is 1e-7 from fp64, cuDNN's bf16 one 1.7e-3.
 #define WG_MAX_ROWS 8
 #define WG_X_COLS (TILE_W + 6)
 // Row strides in uint2, padded to GROUPS_PER_BLOCK modulo 16 (128 bytes): the tap rows a
@@ -221,17 +267,6 @@ dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
 // (tile_rows + 6) * WG_X_STRIDE + tile_rows * WG_DY_STRIDE uint2, or the final sums'
 // tile_rows * 7 * GROUPS_PER_BLOCK * 7 * VEC floats if that is more.
 
-// One 8-byte cp.async of pixel (row, col)'s group g, zeros outside the image (src-size 0
-// reads nothing; the address is then any valid one).
-__device__ __forceinline__ void wgrad_copy(const uint2* __restrict__ t, long long image_base,
-                                           int row, int col, int g, int height, int width,
-                                           int groups, uint2* dst) {
-  const bool inside = row >= 0 && row < height && col >= 0 && col < width;
-  const uint2* src = inside ? t + image_base + ((long long)row * width + col) * groups + g : t;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::
-               "r"(shared_address(dst)), "l"(src), "r"(inside ? 8 : 0));
-}
-
 __device__ __forceinline__ void wgrad_load_tile(
     const uint2* __restrict__ x, const uint2* __restrict__ dy, uint2* buf, int tile,
     int first_group, int height, int width, int groups, int strips, int tile_rows) {
@@ -240,25 +275,15 @@ __device__ __forceinline__ void wgrad_load_tile(
   const int rest = tile - image * strips * row_tiles;
   const int first_col = (rest / row_tiles) * TILE_W;
   const int first_row = (rest % row_tiles) * tile_rows;
-  const long long image_base = (long long)image * height * width * groups + first_group;
-  uint2* x_tile = buf;
-  uint2* dy_tile = buf + (tile_rows + 6) * WG_X_STRIDE;
-  for (int e = threadIdx.x; e < (tile_rows + 6) * WG_X_COLS * GROUPS_PER_BLOCK; e += blockDim.x) {
-    const int g = e % GROUPS_PER_BLOCK, pix = e / GROUPS_PER_BLOCK;
-    const int c = pix % WG_X_COLS, r = pix / WG_X_COLS;
-    wgrad_copy(x, image_base, first_row - 3 + r, first_col - 3 + c, g, height, width, groups,
-               x_tile + r * WG_X_STRIDE + c * GROUPS_PER_BLOCK + g);
-  }
-  for (int e = threadIdx.x; e < tile_rows * TILE_W * GROUPS_PER_BLOCK; e += blockDim.x) {
-    const int g = e % GROUPS_PER_BLOCK, pix = e / GROUPS_PER_BLOCK;
-    const int c = pix % TILE_W, r = pix / TILE_W;
-    wgrad_copy(dy, image_base, first_row + r, first_col + c, g, height, width, groups,
-               dy_tile + r * WG_DY_STRIDE + c * GROUPS_PER_BLOCK + g);
-  }
+  const int image_base = image * height * width * groups + first_group;
+  copy_window<WG_X_COLS>(x, image_base, first_row - 3, first_col - 3, tile_rows + 6, height,
+                         width, groups, buf, WG_X_STRIDE);
+  copy_window<TILE_W>(dy, image_base, first_row, first_col, tile_rows, height, width, groups,
+                      buf + (tile_rows + 6) * WG_X_STRIDE, WG_DY_STRIDE);
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
-extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * 7 * WG_MAX_ROWS)
+extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * 7 * WG_MAX_ROWS, 1)
 dwconv7_wgrad_nhwc(const uint2* __restrict__ x, const uint2* __restrict__ dy,
                    float* __restrict__ partial, int images, int height, int width, int groups,
                    int strips, int tile_rows, int tiles_per_chunk) {
