@@ -1027,13 +1027,16 @@ def test_gpu_linear_gelu_matches_reference(P, C):
 @gpu
 def test_gpu_wide_inference_blocks_use_linear_gelu(monkeypatch):
     """bf16 inference blocks of width >= 384 run pwconv1 + GELU as one kernel on Hopper
-    (elsewhere cuBLAS + GELU), training blocks never (they keep h for backward); outputs
-    match the reference path."""
+    (elsewhere cuBLAS + GELU), fused training blocks never (they keep h for backward);
+    outputs match the reference path."""
     from convnext_backbone.ops import _kernels
 
-    calls = []
-    real = _kernels.linear_gelu
+    calls, gelu_bwd_calls = [], []
+    real, real_gelu_bwd = _kernels.linear_gelu, _kernels.gelu_bwd
     monkeypatch.setattr(_kernels, "linear_gelu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(_kernels, "gelu_bwd",
+                        lambda *a, **k: gelu_bwd_calls.append(1) or real_gelu_bwd(*a, **k))
+    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 0)  # these small training blocks fused too
     cfg = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 2, 1],
                          out_features=STAGES)
     m = ConvNextBackbone(cfg).cuda().eval().to(memory_format=torch.channels_last)
@@ -1049,7 +1052,7 @@ def test_gpu_wide_inference_blocks_use_linear_gelu(monkeypatch):
     calls.clear()
     with torch.autocast("cuda", torch.bfloat16):
         m.train()(x.requires_grad_(True)).feature_maps[-1].float().sum().backward()
-    assert not calls
+    assert not calls and len(gelu_bwd_calls) == sum(cfg.depths)  # every block took the fused path
 
 
 @gpu

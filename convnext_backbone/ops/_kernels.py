@@ -52,6 +52,7 @@ import triton.language as tl
 # Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
 from . import _INTERPRET
 from ._launch import direct_launch
+from .cuda_dwconv import _capability_of
 
 __all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
            "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add", "cast_params",
@@ -734,7 +735,6 @@ def _linear_gelu_kernel(a_ptr, w_ptr, b_ptr, g_ptr, M, N: tl.constexpr, K: tl.co
 # with h also stored (training) every tile was slower than cuBLAS + GELU, so training keeps
 # them.
 _LINEAR_GELU_TILE = (128, 256, 64, 8, 3, 8)
-_CAPABILITIES: dict = {}
 
 
 def linear_gelu_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -744,12 +744,9 @@ def linear_gelu_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
             and x.is_contiguous() and w.is_contiguous()):
         return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    cap = _CAPABILITIES.get(index)
-    if cap is None:
-        cap = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
     _, block_n, block_k = _LINEAR_GELU_TILE[:3]
-    return cap[0] == 9 and x.shape[1] % block_k == 0 and w.shape[0] % block_n == 0
+    return (_capability_of(x.device)[0] == 9 and x.shape[1] % block_k == 0
+            and w.shape[0] % block_n == 0)
 
 
 def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,

@@ -114,9 +114,9 @@ def _macros(elem_bf16: bool, out_fp32: bool, residual: int, mirror: bool,
             "COPY16": int(copy16)}
 
 
-def _copy16(groups_per_block: int, *tensors: Tensor) -> bool:
+def _copy16(groups_per_block: int, aligned16: bool) -> bool:
     # 16-byte copies take two channel groups: an even count a block, 16-byte aligned data.
-    return groups_per_block % 2 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+    return groups_per_block % 2 == 0 and aligned16
 
 
 def compile_source(macros: Dict[str, int], arch: str, extra_options: Tuple[str, ...] = ()
@@ -290,7 +290,7 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
     gpb = _groups_per_block(groups)
     func = _function(x.device, "dwconv7_nhwc",
                      _macros(x.dtype == torch.bfloat16, out_dtype == torch.float32,
-                             residual_kind, mirror, gpb, _copy16(gpb, x)),
+                             residual_kind, mirror, gpb, _copy16(gpb, x.data_ptr() % 16 == 0)),
                      dynamic_smem=_tile_bytes(gpb, _MAX_TILE_ROWS))
     tile_rows = _tile_rows(h, _max_tile_rows(x.device))
     out = x.new_empty((n, h, w, c), dtype=out_dtype).permute(0, 3, 1, 2)
@@ -379,7 +379,7 @@ def _wgrad_plan(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int
     chunks = -(-tiles // tiles_per_chunk)
     func = _function(device, "dwconv7_wgrad_nhwc",
                      _wgrad_macros(dtype == torch.bfloat16, gpb, tile_w,
-                                   aligned16 and gpb % 2 == 0),
+                                   _copy16(gpb, aligned16)),
                      dynamic_smem=_wgrad_smem_bytes(gpb, tile_w, _WG_MAX_ROWS))
     return (func, (chunks, channel_blocks), gpb * 7 * tile_rows,
             _wgrad_smem_bytes(gpb, tile_w, tile_rows),
