@@ -476,6 +476,36 @@ def check_linear_gelu(P: int, C: int, device: str, dtype: torch.dtype, tile, tol
     assert ((got.float() - ref).abs() <= ref.abs() * 2 ** -6 + 2e-2).all(), (P, C)
 
 
+def check_gelu_bwd_weight_grad_product(P: int, C: int, device: str, dtype: torch.dtype
+                                       ) -> None:
+    """`_kernels.gelu_bwd` given dout: dh equals the plain GELU backward's (same arithmetic),
+    the bias sums match it (summed in another order), and its partial products, summed by
+    `layer_scale_grads`, equal dout^T gelu(h) with gelu(h) rounded to dtype (fp64
+    reference; fp32 accumulation), as do the layer-scale gradients from them; imported by
+    the interpreter test's subprocess."""
+    from convnext_backbone.ops import _kernels as K
+
+    g = torch.Generator(device="cpu").manual_seed(P + C)
+    h = (torch.randn(P, 4 * C, generator=g) * 2).to(dtype).to(device)
+    dg = torch.randn(P, 4 * C, generator=g).to(dtype).to(device)
+    do = torch.randn(P, C, generator=g).to(dtype).to(device)
+    w2 = torch.randn(C, 4 * C, generator=g).to(device)
+    gamma, b2, dsum = (torch.randn(C, generator=g).to(device) for _ in range(3))
+    dh_ref, gelu_h, db1_ref = K.gelu_bwd(dg, h)
+    dh, parts, db1 = K.gelu_bwd(dg, h, dout=do)
+    assert torch.equal(dh, dh_ref) and _rel(db1.double(), db1_ref.double()) < 1e-5
+    assert parts.dtype == torch.float32 and parts.shape[1:] == (C, 4 * C)
+    m_ref = do.double().t() @ gelu_h.double()
+    dw2, db2, dgamma = K.layer_scale_grads(parts, w2, gamma, b2, dsum)
+    dw2_ref = gamma.double()[:, None] * m_ref
+    dgamma_ref = (w2.double() * m_ref).sum(1) + b2.double() * dsum.double()
+    for got, ref in ((dw2, dw2_ref), (dgamma, dgamma_ref), (db2, gamma * dsum)):
+        assert _rel(got.double(), ref.double()) < 1e-5, (P, C, _rel(got.double(), ref.double()))
+    # The two-dimensional product (the wide blocks' cuBLAS one) gives the same gradients.
+    dw2_2d, _, dgamma_2d = K.layer_scale_grads(parts.sum(0), w2, gamma, b2, dsum)
+    assert _rel(dw2_2d.double(), dw2_ref) < 1e-5 and _rel(dgamma_2d.double(), dgamma_ref) < 1e-5
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -562,6 +592,31 @@ def check_stem(n: int, c: int, h: int, w: int, channels_last: bool, device: str,
     errs = [_rel(out, ref), _rel(lp.float(), ref), _rel(y.float(), y_r.float()),
             _rel(mean, mean_r.flatten()), _rel(rstd, rstd_r.flatten()), _rel(inf, ref)]
     assert max(errs) < tol, (n, c, h, w, channels_last, errs)
+
+
+@pytest.mark.parametrize("h,w,channels_last,dtype", [
+    (16, 20, True, torch.float32), (18, 13, False, torch.float32), (32, 32, True, torch.float16)])
+def test_stem_weight_grad_product_is_conv_weight_grad(h, w, channels_last, dtype):
+    """The fused stem's backward takes the patch conv's weight gradient as one product
+    (dy's rows against the image's patches) when the image needs no gradient: equal to
+    aten's convolution_backward on the same rounded operands, NCHW and NHWC images, sizes
+    not a multiple of the patch (the conv drops the rest)."""
+    from convnext_backbone.ops.stem import _patch_conv_weight_grad
+
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(2, 3, h, w, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 3, 4, 4, generator=g)
+    dy4 = torch.randn(2, 8, h // 4, w // 4, generator=g).to(dtype)
+    dy = dy4.permute(0, 2, 3, 1).reshape(-1, 8).contiguous()
+    ref = torch.ops.aten.convolution_backward(
+        dy4.float(), x.to(dtype).float(), weight, None, [4, 4], [0, 0], [1, 1], False, [0, 0],
+        1, [False, True, False])[1]
+    got = _patch_conv_weight_grad(dy, x, 4, dtype)
+    assert got.dtype == dtype and got.shape == (8, 48)
+    assert _rel(got.view(weight.shape).double(), ref.double()) < (1e-6 if dtype == torch.float32
+                                                                  else 1e-3)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -724,6 +779,61 @@ def test_linear_gelu_in_triton_interpreter():
             assert "K a multiple of 64" in str(err), err
         else:
             raise AssertionError("K=96 taken")
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_gelu_bwd_weight_grad_product_in_triton_interpreter():
+    """The GELU backward that also forms pwconv2's weight-gradient product (C <= 256, half
+    precision; fp16 here: the interpreter has no bf16 product), through
+    `check_gelu_bwd_weight_grad_product`: padded widths (48 -> 64 channels, 192 -> 256), row
+    tiles cut by P, several programs' partial products; other dout is refused, naming what
+    it needs."""
+    out = _run_in_interpreter("""
+        import sys
+        import torch
+        from convnext_backbone.ops import _kernels as K
+        sys.path.insert(0, "tests")
+        from test_fast_path import check_gelu_bwd_weight_grad_product
+        for P, C in [(37, 48), (300, 16), (70, 192)]:
+            check_gelu_bwd_weight_grad_product(P, C, "cpu", torch.float16)
+        assert K.gelu_bwd_m_supported(256, torch.bfloat16)
+        assert not K.gelu_bwd_m_supported(384, torch.float16)
+        assert not K.gelu_bwd_m_supported(96, torch.float32)
+        h = torch.zeros(8, 1536, dtype=torch.float16)
+        try:
+            K.gelu_bwd(h, h, dout=torch.zeros(8, 384, dtype=torch.float16))
+        except ValueError as err:
+            assert "C <= 256" in str(err), err
+        else:
+            raise AssertionError("C=384 accepted")
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_column_sums_in_triton_interpreter():
+    """`column_sums` (the partial-sum reduction) equals sum(0): one row, more rows than one
+    tile (1500 > 1024), a strided band; other dtypes and strides are refused."""
+    out = _run_in_interpreter("""
+        import torch
+        from convnext_backbone.ops import _kernels as K
+        torch.manual_seed(0)
+        for R, W in [(1, 5), (37, 300), (528, 768), (1500, 70)]:
+            x = torch.randn(R, W)
+            assert torch.allclose(K.column_sums(x), x.sum(0), rtol=1e-5, atol=1e-4), (R, W)
+            band = torch.randn(R, W + 7)[:, 3:3 + W]
+            assert torch.allclose(K.column_sums(band), band.sum(0), rtol=1e-5, atol=1e-4)
+        for bad in (torch.zeros(4, 8).half(), torch.zeros(8, 4).t()):
+            try:
+                K.column_sums(bad)
+            except ValueError as err:
+                assert "fp32 rows with unit column stride" in str(err), err
+            else:
+                raise AssertionError("accepted")
         print("OK")
     """)
     assert "OK" in out
@@ -1022,6 +1132,15 @@ def test_gpu_linear_gelu_matches_reference(P, C):
     """The compiled pwconv1 + GELU kernel (bf16, Hopper MMA) at ConvNeXt-T's stage 3 and 4
     widths, its default tile."""
     check_linear_gelu(P, C, "cuda", torch.bfloat16, None, 1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("P,C", [(32 * 128 * 128, 96), (2 * 100 * 167, 192), (1000, 40)])
+def test_gpu_gelu_bwd_weight_grad_product(P, C):
+    """The compiled GELU backward with pwconv2's weight-gradient product (bf16, Hopper MMA)
+    at ConvNeXt-T's training stage 1 and detection stage 2 sizes and a padded width:
+    `check_gelu_bwd_weight_grad_product`."""
+    check_gelu_bwd_weight_grad_product(P, C, "cuda", torch.bfloat16)
 
 
 @gpu

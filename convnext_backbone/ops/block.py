@@ -18,7 +18,8 @@ Hopper, pwconv1 and the GELU are one Triton kernel (`_kernels.linear_gelu`: h ne
 reaches memory).
 Saved for backward: the conv input (x, or its bf16 copy when the CUDA kernel or cuDNN
 convolves under autocast), y, h, mean, rstd. Backward: GELU backward in Triton (also giving
-gelu(h) and pwconv1's bias gradient in the same pass), LayerNorm backward in Triton
+pwconv1's bias gradient in the same pass, and either gelu(h) or, in half precision up to
+C = 256, pwconv2's weight-gradient product dout^T gelu(h) itself), LayerNorm backward in Triton
 (rebuilding xn and, outside the Triton conv, summing the conv bias gradient), the conv's
 input gradient as a forward conv with mirrored taps and its weight gradient
 (`CONVNEXT_DWCONV=cuda`, default: the CUDA kernels, the first also adding the residual's
@@ -315,11 +316,16 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
         w2g, w1c, *rest = _kernels.cast_params(cast, cdt, row_scale=gamma,
                                                reverse_last=49 if library_conv else 0)
         dg = torch.mm(do_c, w2g)  # (P, 4C)
-        dh, g, _ = _kernels.gelu_bwd(dg, h, part=sums.band(1))  # also GELU(h) and b1's sums
+        # pwconv2 and layer scale: one product m = dout^T gelu(h) serves W2 and gamma. Up to
+        # C = 256 the GELU backward forms it (gelu(h) never reaches memory), else cuBLAS from
+        # the gelu(h) that the GELU backward writes.
+        if _kernels.gelu_bwd_m_supported(c, cdt):
+            dh, m, _ = _kernels.gelu_bwd(dg, h, part=sums.band(1), dout=do_c)  # and b1's sums
+        else:
+            dh, g, _ = _kernels.gelu_bwd(dg, h, part=sums.band(1))
+            m = torch.mm(do_c.t(), g)  # (C, 4C)
+            del g
         del dg
-        # pwconv2 and layer scale: one product dout^T gelu(h) serves W2 and gamma.
-        m = torch.mm(do_c.t(), g)  # (C, 4C)
-        del g
         dxn = torch.mm(dh, w1c)  # (P, C)
         y_bias = dw_bias if _y_lacks_conv_bias(c, cdt, conv_impl) else None
         # With the library conv, the conv bias gradient (sum of dy) comes from the LayerNorm

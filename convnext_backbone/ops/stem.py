@@ -11,9 +11,10 @@ the weights rounded to the compute dtype, the conv output (with its bias) rounde
 the LayerNorm, the statistics in fp32.
 
 Backward: the Triton LayerNorm backward from the saved conv output and statistics (its
-column sums give the LayerNorm's and the conv bias's gradients), then aten's
-convolution_backward for the weight (and, when asked for, the image) gradients, as the
-reference computes them.
+column sums give the LayerNorm's and the conv bias's gradients), then the weight gradient
+as one product of the output gradient with the image's patches (aten's
+convolution_backward when the image's gradient is asked for too), rounded to the compute
+dtype as the reference's.
 """
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def _stem_fwd(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bia
     if lp is not None:
         lp = lp.view(n, hp, wp, c).permute(0, 3, 1, 2)
     return out, lp, y, mean, rstd
+
+
+def _patch_conv_weight_grad(dy: Tensor, x: Tensor, patch: int, cdt: torch.dtype) -> Tensor:
+    """The weight gradient of a patch conv (kernel = stride = `patch`, no padding) as one
+    product, (C, Cin * patch^2) in `cdt`: dy's (P, C) rows transposed times the image's
+    (P, Cin * patch^2) patches, gathered in `cdt` by one copy (the image cast the reference
+    makes anyway). cuDNN's weight-gradient kernel for 3 input channels took 0.29 ms of a
+    32x512^2 training step on an H100 (bf16), where its operands (the image and dy, about
+    150 MB) take about 0.05 ms to read."""
+    n, cin, h, w = x.shape
+    hp, wp = h // patch, w // patch
+    image = x[:, :, :hp * patch, :wp * patch].unflatten(3, (wp, patch)).unflatten(2, (hp, patch))
+    patches = torch.empty((n, hp, wp, cin, patch, patch), device=x.device, dtype=cdt)
+    patches.copy_(image.permute(0, 2, 4, 1, 3, 5))
+    return torch.mm(dy.t(), patches.view(n * hp * wp, cin * patch * patch))
 
 
 class _StemFunction(torch.autograd.Function):
@@ -73,10 +89,15 @@ class _StemFunction(torch.autograd.Function):
         dy, _, dlnw, dlnb, db = _kernels.ln_bwd(y, do, mean, rstd, ln_weight, ln_bias, ctx.cdt,
                                                 rebuild_output=False, sum_dy=True)
         with torch.autocast(x.device.type, enabled=False):
-            dy4 = dy.view(n, hp, wp, c).permute(0, 3, 1, 2)
-            dx, dw, _ = torch.ops.aten.convolution_backward(
-                dy4, x.to(ctx.cdt), weight.to(ctx.cdt), None, [patch, patch], [0, 0], [1, 1],
-                False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            if ctx.needs_input_grad[0]:
+                dy4 = dy.view(n, hp, wp, c).permute(0, 3, 1, 2)
+                dx, dw, _ = torch.ops.aten.convolution_backward(
+                    dy4, x.to(ctx.cdt), weight.to(ctx.cdt), None, [patch, patch], [0, 0],
+                    [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[1], False])
+            else:
+                dx = None
+                dw = (_patch_conv_weight_grad(dy, x, patch, ctx.cdt).view(weight.shape)
+                      if ctx.needs_input_grad[1] else None)
         return (dx.to(x.dtype) if dx is not None else None,
                 dw.to(weight.dtype) if dw is not None else None, db.to(ctx.bias_dtype),
                 dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), None, None, None, None)
