@@ -766,6 +766,7 @@ def test_linear_gelu_in_triton_interpreter():
     2 (the last group of one); shapes it cannot take are refused, naming what it needs."""
     out = _run_in_interpreter("""
         import sys
+        import pytest
         import torch
         from convnext_backbone.ops import _kernels as K
         sys.path.insert(0, "tests")
@@ -773,12 +774,8 @@ def test_linear_gelu_in_triton_interpreter():
         check_linear_gelu(70, 64, "cpu", torch.float16, None, 2e-3)
         check_linear_gelu(300, 128, "cpu", torch.float16, (64, 256, 64, 4, 3, 2), 2e-3)
         x, w = torch.zeros(4, 96, dtype=torch.float16), torch.zeros(384, 96, dtype=torch.float16)
-        try:
+        with pytest.raises(ValueError, match="K a multiple of 64"):
             K.linear_gelu(x, w, torch.zeros(384))
-        except ValueError as err:
-            assert "K a multiple of 64" in str(err), err
-        else:
-            raise AssertionError("K=96 taken")
         print("OK")
     """)
     assert "OK" in out
@@ -793,6 +790,7 @@ def test_gelu_bwd_weight_grad_product_in_triton_interpreter():
     it needs."""
     out = _run_in_interpreter("""
         import sys
+        import pytest
         import torch
         from convnext_backbone.ops import _kernels as K
         sys.path.insert(0, "tests")
@@ -803,12 +801,8 @@ def test_gelu_bwd_weight_grad_product_in_triton_interpreter():
         assert not K.gelu_bwd_m_supported(384, torch.float16)
         assert not K.gelu_bwd_m_supported(96, torch.float32)
         h = torch.zeros(8, 1536, dtype=torch.float16)
-        try:
+        with pytest.raises(ValueError, match="C <= 256"):
             K.gelu_bwd(h, h, dout=torch.zeros(8, 384, dtype=torch.float16))
-        except ValueError as err:
-            assert "C <= 256" in str(err), err
-        else:
-            raise AssertionError("C=384 accepted")
         print("OK")
     """)
     assert "OK" in out
@@ -819,6 +813,7 @@ def test_column_sums_in_triton_interpreter():
     """`column_sums` (the partial-sum reduction) equals sum(0): one row, more rows than one
     tile (1500 > 1024), a strided band; other dtypes and strides are refused."""
     out = _run_in_interpreter("""
+        import pytest
         import torch
         from convnext_backbone.ops import _kernels as K
         torch.manual_seed(0)
@@ -828,12 +823,8 @@ def test_column_sums_in_triton_interpreter():
             band = torch.randn(R, W + 7)[:, 3:3 + W]
             assert torch.allclose(K.column_sums(band), band.sum(0), rtol=1e-5, atol=1e-4)
         for bad in (torch.zeros(4, 8).half(), torch.zeros(8, 4).t()):
-            try:
+            with pytest.raises(ValueError, match="fp32 rows with unit column stride"):
                 K.column_sums(bad)
-            except ValueError as err:
-                assert "fp32 rows with unit column stride" in str(err), err
-            else:
-                raise AssertionError("accepted")
         print("OK")
     """)
     assert "OK" in out

@@ -961,8 +961,7 @@ class ColumnSums:
         # As many rows as the kernel with the most programs launches; the others zero the
         # rows they do not reach.
         rows = max(_rows_programs(P, C, device)[0], _ln_bwd_programs(P, C, device)[0],
-                   _gelu_programs(P, 4 * C, device)[0],
-                   _gelu_programs(P, 4 * C, device, C)[0] if C <= 256 else 0)
+                   _gelu_programs(P, 4 * C, device)[0], _gelu_programs(P, 4 * C, device, C)[0])
         self._buf = torch.empty((rows, sum(widths)), device=device, dtype=torch.float32)
         self._bounds, start = [], 0
         for w in widths:
