@@ -1,19 +1,24 @@
 """The depthwise 7x7 conv CUDA kernel (convnext_backbone/ops/dwconv7.cu, cuda_dwconv.py).
 
-CPU (CI): every variant of the conv and of the weight-gradient kernel compiles with NVRTC
-for Ampere and Hopper without spilling, in at most 128 registers and within the shared
-memory it may have (48 KB for the conv; the opt-in limit for the weight gradient); the
-weight gradient's tile width loads the fewest columns;
-argument errors name what is valid; the switch is parsed strictly; CPU tensors are not
-taken. GPU (`pytest -m gpu` on the device): the kernels against an fp64 conv (and its weight
-gradient) of the same rounded inputs, for each variant and for shapes that exercise
-partial strips and tiles, windows larger than the image, and channel counts whose groups do
-not fill a block; the weight gradient is the same bit for bit on every call; and the block
-uses them, forward and backward, unless ``CONVNEXT_DWCONV=cudnn``.
+CPU (CI): every variant of the conv (CUDA-core and tensor-core) and of the weight-gradient
+kernel compiles with NVRTC for Ampere and Hopper without spilling, in at most 128 registers
+and within the shared memory it may have (48 KB for the conv; the opt-in limit for the
+weight gradient; four tensor-core blocks an SM); the weight gradient's tile width loads the
+fewest columns; the tensor-core conv runs where it was measured faster; argument errors
+name what is valid; the switches are parsed strictly; CPU tensors are not taken.
+GPU (`pytest -m gpu` on the device): both conv kernels against an fp64 conv (and the
+weight gradient against its fp64 one) of the same rounded inputs, for each variant and for
+shapes that exercise partial strips and tiles, windows larger than the image, and channel
+counts whose groups do not fill a block; the weight gradient is the same bit for bit on
+every call; and the block uses them, forward and backward, unless
+``CONVNEXT_DWCONV=cudnn``.
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -38,6 +43,16 @@ def _nvrtc_loads() -> bool:
 VARIANTS = [(0, False), (1, True), (2, False), (1, False)]
 
 
+def _compile_without_spills(macros, arch: str):
+    """Compiles one variant; asserts a cubin without spills or a stack frame and returns
+    (registers a thread, ptxas log)."""
+    cubin, log = cuda_dwconv.compile_source(macros, arch, ("--ptxas-options=-v",))
+    assert cubin[:4] == b"\x7fELF", macros
+    assert re.search(r"\b0 bytes spill stores", log), log
+    assert re.search(r"\b0 bytes stack frame", log), log
+    return int(re.search(r"Used (\d+) registers", log).group(1)), log
+
+
 @pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC (libnvrtc) not loadable")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
@@ -47,10 +62,7 @@ def test_every_variant_compiles_without_spills(arch, bf16):
             for groups_per_block, copy16 in ((12, True), (12, False), (1, False)):
                 macros = cuda_dwconv._macros(bf16, out_fp32, residual, mirror, groups_per_block,
                                              copy16)
-                cubin, log = cuda_dwconv.compile_source(macros, arch, ("--ptxas-options=-v",))
-                assert cubin[:4] == b"\x7fELF", macros
-                assert re.search(r"\b0 bytes spill stores", log), log
-                registers = int(re.search(r"Used (\d+) registers", log).group(1))
+                registers, log = _compile_without_spills(macros, arch)
                 # 80 or fewer: two blocks of 32 rows x 12 groups (384 threads) per SM
                 assert registers <= (80 if groups_per_block == 12 else 128), (macros, registers)
                 static = int(re.search(r"(\d+) bytes smem", log).group(1))
@@ -62,16 +74,28 @@ def test_every_variant_compiles_without_spills(arch, bf16):
 @pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC (libnvrtc) not loadable")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
+def test_every_tensor_core_variant_compiles_without_spills(arch, bf16):
+    for out_fp32 in (False, True):
+        for mirror in (False, True):
+            for warps in range(1, cuda_dwconv._TC_MAX_WARPS + 1):
+                macros = dict(cuda_dwconv._macros(bf16, out_fp32, 0, mirror, 2 * warps),
+                              TENSOR_CORES=1)
+                registers, _ = _compile_without_spills(macros, arch)
+                # 128 or fewer: four blocks of 4 warps per SM (the register file's 64K)
+                assert registers <= 128, (macros, registers)
+                # four blocks fit the H100's 228 KB per SM, two the A100's 164 KB
+                assert cuda_dwconv._tc_smem_bytes(warps) + 1024 <= 228 * 1024 // 4
+
+
+@pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC (libnvrtc) not loadable")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16"])
 def test_every_weight_gradient_variant_compiles_without_spills(arch, bf16):
     wg_groups = cuda_dwconv._WG_GROUPS
     for groups_per_block, copy16 in ((wg_groups, True), (wg_groups, False), (2, True), (1, False)):
         for tile_w in cuda_dwconv._WG_TILE_WIDTHS:
             macros = cuda_dwconv._wgrad_macros(bf16, groups_per_block, tile_w, copy16)
-            cubin, log = cuda_dwconv.compile_source(macros, arch, ("--ptxas-options=-v",))
-            assert cubin[:4] == b"\x7fELF", macros
-            assert re.search(r"\b0 bytes spill stores", log), log
-            assert re.search(r"\b0 bytes stack frame", log), log
-            registers = int(re.search(r"Used (\d+) registers", log).group(1))
+            registers, _ = _compile_without_spills(macros, arch)
             assert registers <= 128, (macros, registers)
             smem = cuda_dwconv._wgrad_smem_bytes(groups_per_block, tile_w,
                                                  cuda_dwconv._WG_MAX_ROWS)
@@ -98,6 +122,41 @@ def test_conv_tiles_are_32_rows_where_two_blocks_fit_an_sm(monkeypatch, smem_kb,
                                           (7, 16), (200, 32), (168, 24), (100, 24)])
 def test_weight_gradient_tiles_load_the_fewest_columns(width, tile_w):
     assert cuda_dwconv._wgrad_tile_width(width) == tile_w
+
+
+# ConvNeXt-T's forward convs on an H100 (132 SMs, 4 blocks of 4 warps each): whether the
+# tensor-core kernel runs them, as measured (do_bench per conv, as in
+# tools/microbench_dwconv.py): faster from 14x14 images with 2.5 waves of tiles on, slower
+# at 7x7 and at detection's stages 2-4.
+@pytest.mark.parametrize("shape,faster", [
+    ((128, 96, 56, 56), True), ((128, 192, 28, 28), True), ((128, 384, 14, 14), True),
+    ((128, 768, 7, 7), False), ((32, 96, 128, 128), True), ((32, 384, 32, 32), True),
+    ((2, 96, 200, 334), True), ((2, 192, 100, 167), False), ((2, 384, 50, 84), False),
+    ((2, 768, 25, 42), False)])
+def test_tensor_core_conv_runs_where_it_was_measured_faster(shape, faster):
+    n, c, h, w = shape
+    tiles = n * -(-h // cuda_dwconv._TC_TILE) * -(-w // cuda_dwconv._TC_TILE)
+    assert cuda_dwconv._tc_pays(h, w, tiles * (c // 32), 4 * 132) == faster
+
+
+def test_microbench_names_its_columns_and_needs_a_gpu():
+    tool = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
+                        "microbench_dwconv.py")
+    help_text = subprocess.run([sys.executable, tool, "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    assert "--dtype" in help_text
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, tool], capture_output=True, text=True)
+        assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
+def test_tensor_core_switch_is_checked(monkeypatch):
+    x = torch.zeros(1, 8, 4, 4)
+    monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", "yes")
+    with pytest.raises(ValueError, match="'auto', 'always' or 'never'"):
+        cuda_dwconv._uses_tensor_cores(x)
+    monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", "never")
+    assert not cuda_dwconv._uses_tensor_cores(x)
 
 
 def test_compile_errors_name_the_variant(monkeypatch, tmp_path):
@@ -146,14 +205,19 @@ def test_conv_switch_is_parsed_strictly(monkeypatch):
         fused_block.conv_impl()
 
 
-def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch):
-    """A kernel that fails to build is switched off with a warning, and the block's conv,
-    input gradient and weight gradient go to cuDNN (here: the generic conv, on CPU, with
-    `supports` forced)."""
+@pytest.mark.parametrize("tensor_cores", ["auto", "always"])
+def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch, tensor_cores):
+    """A kernel that fails to build (the CUDA-core conv, or with "always" the tensor-core
+    one) is switched off with a warning, and the block's conv, input gradient and weight
+    gradient go to cuDNN (here: the generic conv, on CPU, with `supports` forced)."""
     monkeypatch.setattr(cuda_dwconv, "supports", lambda x: cuda_dwconv.available())
     monkeypatch.setattr(cuda_dwconv, "_load_libraries", lambda: True)
     monkeypatch.setattr(cuda_dwconv, "_unavailable", None)
     monkeypatch.setattr(cuda_dwconv, "_capability_of", lambda device: (9, 0))
+    monkeypatch.setattr(cuda_dwconv, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_dwconv, "_smem_per_sm", lambda device: 228 * 1024)
+    monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", tensor_cores)
+    monkeypatch.setattr(cuda_dwconv, "_tc_plans", {})
 
     def failing_compile(macros, arch, extra_options=()):
         raise RuntimeError("no compiler here")
@@ -193,6 +257,10 @@ gpu = pytest.mark.gpu
 # than the window; one pixel; H=37 (row tiles of 13, the last one cut by the image).
 SHAPES = [(2, 96, 56, 56), (1, 768, 7, 7), (3, 200, 13, 21), (2, 92, 33, 17), (2, 20, 3, 2),
           (1, 4, 1, 1), (1, 48, 37, 9)]
+# For the tensor-core kernel (channels in 8s; up to 4 warps of 8 a block): 2 and 3 warps a
+# block, one channel block of one warp, tiles cut by the image in both axes and several
+# tiles per thread block (more tiles than resident blocks).
+TENSOR_CORE_SHAPES = [(2, 48, 17, 33), (1, 24, 40, 5), (1, 8, 1, 1), (64, 384, 14, 14)]
 
 
 def _nhwc_at_offset(shape, dtype: torch.dtype, offset: int) -> torch.Tensor:
@@ -210,16 +278,22 @@ def _reference(x: torch.Tensor, taps: torch.Tensor, mirror: bool) -> torch.Tenso
 
 
 @gpu
+@pytest.mark.parametrize("tensor_cores", ["always", "never"], ids=["tensor-cores", "cuda-cores"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("residual,out_fp32", VARIANTS)
 @pytest.mark.parametrize("mirror", [False, True], ids=["fwd", "mirrored"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["16B", "8B"])
-def test_gpu_kernel_matches_fp64_conv(dtype, residual, out_fp32, mirror, aligned):
-    """Every variant against fp64; `8B`: x 8-byte aligned only (the tile copied 8 bytes at a
-    time instead of 16) and taps 4-byte aligned (copied to an aligned tensor first)."""
+def test_gpu_kernel_matches_fp64_conv(tensor_cores, dtype, residual, out_fp32, mirror, aligned,
+                                      monkeypatch):
+    """Every variant of both kernels against fp64; `8B`: x 8-byte aligned only (the CUDA-core
+    kernel's tile copied 8 bytes at a time instead of 16; the tensor-core kernel, which
+    loads 16, not taken) and taps 4-byte aligned (copied to an aligned tensor first)."""
+    monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", tensor_cores)
     torch.manual_seed(0)
-    for n, c, h, w in SHAPES:
+    for n, c, h, w in SHAPES + TENSOR_CORE_SHAPES:
         x = _nhwc_at_offset((n, c, h, w), dtype, 0 if aligned else 4)
+        assert cuda_dwconv._uses_tensor_cores(x, residual) == (
+            tensor_cores == "always" and aligned and c % 8 == 0 and not residual)
         off = 0 if aligned else 1
         taps = (torch.randn(c * 49 + 1, device="cuda") * 0.2)[off:off + c * 49].view(c, 1, 7, 7)
         ref = _reference(x, taps, mirror)
@@ -281,16 +355,18 @@ def test_gpu_kernel_matches_cudnn_and_takes_any_residual_layout():
 
 
 @gpu
-@pytest.mark.parametrize("impl", ["cuda", "cudnn"])
-def test_gpu_block_uses_the_kernel_forward_and_backward(impl, monkeypatch):
-    """Under bf16 autocast the fast block's forward conv, its input-gradient conv (with
-    the residual gradient added) and its weight gradient run the CUDA kernels, and match
-    the reference block; with
-    ``CONVNEXT_DWCONV=cudnn`` they do not run it and still match."""
+@pytest.mark.parametrize("impl,tensor_cores", [("cuda", "always"), ("cuda", "never"),
+                                                ("cudnn", "auto")])
+def test_gpu_block_uses_the_kernel_forward_and_backward(impl, tensor_cores, monkeypatch):
+    """Under bf16 autocast the fast block's forward conv (on the tensor cores or not), its
+    input-gradient conv (with the residual gradient added) and its weight gradient run the
+    CUDA kernels, and match the reference block; with ``CONVNEXT_DWCONV=cudnn`` they do not
+    run it and still match."""
     from convnext_backbone.modeling import ConvNextBlock
 
-    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 0)
+    monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 0)
     monkeypatch.setenv("CONVNEXT_DWCONV", impl)
+    monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", tensor_cores)
     calls = []
     real = cuda_dwconv.depthwise_conv7
 

@@ -65,15 +65,15 @@ def _run(model, x, fast: bool, amp: bool):
 @pytest.fixture(autouse=True)
 def _fast_path_at_every_size(monkeypatch):
     """Test inputs are small: without this, their training blocks would take the reference
-    path (`ops.MIN_TRAIN_PIXELS`) and fast-vs-reference comparisons would compare the
+    path (`ops.MIN_TRAIN_ELEMENTS`) and fast-vs-reference comparisons would compare the
     reference with itself."""
-    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 0)
+    monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 0)
 
 
 # ----------------------------------------------------------------------------- CPU
 def test_small_training_blocks_take_reference_path(monkeypatch):
     monkeypatch.setattr(ops, "fast_path_available", lambda x: True)  # as on a GPU
-    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 2 * 16 * 16)
+    monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 2 * 8 * 16 * 16)
     block = ConvNextBlock(8)
     small, large = torch.randn(1, 8, 16, 16), torch.randn(2, 8, 16, 16)
     assert not ops.use_fast_path(block, small)  # parameters need gradients
@@ -85,24 +85,48 @@ def test_small_training_blocks_take_reference_path(monkeypatch):
 
 
 def test_fast_path_switches_restore_state():
-    before = (ops.fast_path_enabled(), ops._UNDER_COMPILE, ops.MIN_TRAIN_PIXELS)
-    with ops.fast_path(False, under_compile=True, min_train_pixels=7):
-        assert not ops.fast_path_enabled() and ops._UNDER_COMPILE and ops.MIN_TRAIN_PIXELS == 7
+    before = (ops.fast_path_enabled(), ops._UNDER_COMPILE, ops.MIN_TRAIN_ELEMENTS)
+    with ops.fast_path(False, under_compile=True, min_train_elements=7):
+        assert not ops.fast_path_enabled() and ops._UNDER_COMPILE and ops.MIN_TRAIN_ELEMENTS == 7
         assert not ops.use_fast_path(ConvNextBlock(8), torch.randn(1, 8, 4, 4))
-    assert (ops.fast_path_enabled(), ops._UNDER_COMPILE, ops.MIN_TRAIN_PIXELS) == before
+    assert (ops.fast_path_enabled(), ops._UNDER_COMPILE, ops.MIN_TRAIN_ELEMENTS) == before
     for bad in (-1, 1.5, True, "0"):
         with pytest.raises(ValueError, match="non-negative int or None"):
-            with ops.fast_path(min_train_pixels=bad):
+            with ops.fast_path(min_train_elements=bad):
                 pass
-    assert ops.MIN_TRAIN_PIXELS == before[2]
+    assert ops.MIN_TRAIN_ELEMENTS == before[2]
 
 
-def test_min_train_pixels_switch_sends_small_training_blocks_to_fast_path(monkeypatch):
+@pytest.mark.parametrize("shape,fused", [
+    ((32, 768, 16, 16), True),     # a 32x512^2 training step's stage 4
+    ((2, 192, 100, 167), True),    # batch-2 800x1333 detection's stage 2
+    ((2, 384, 50, 84), False),     # its stages 3 and 4: host-bound launches
+    ((2, 768, 25, 42), False),
+    ((8, 384, 32, 32), False)])    # batch 8 at 512^2, stage 3
+def test_default_threshold_fuses_training_blocks_by_their_elements(monkeypatch, shape, fused):
     monkeypatch.setattr(ops, "fast_path_available", lambda x: True)  # as on a GPU
-    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 16384)
+    monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 2**22)  # the default
+    block = ConvNextBlock(shape[1])
+    x = torch.empty(shape, device="meta")
+    assert ops.use_fast_path(block, x) == fused
+
+
+def test_old_pixel_threshold_variable_is_named_and_ignored():
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c",
+         "from convnext_backbone import ops; print('threshold', ops.MIN_TRAIN_ELEMENTS)"],
+        capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+        env={**os.environ, "CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS": "0"})
+    assert f"threshold {2**22}" in out.stdout
+    assert "CONVNEXT_FAST_PATH_MIN_TRAIN_ELEMENTS instead" in out.stderr
+
+
+def test_min_train_elements_switch_sends_small_training_blocks_to_fast_path(monkeypatch):
+    monkeypatch.setattr(ops, "fast_path_available", lambda x: True)  # as on a GPU
+    monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 16384)
     block, small = ConvNextBlock(8), torch.randn(1, 8, 16, 16)
     assert not ops.use_fast_path(block, small)
-    with ops.fast_path(min_train_pixels=0):
+    with ops.fast_path(min_train_elements=0):
         assert ops.use_fast_path(block, small)
     assert not ops.use_fast_path(block, small)
 
@@ -690,7 +714,7 @@ def test_stem_kernel_and_dispatch_in_triton_interpreter():
             m1(x)
         assert attached == []
         print("OK")
-    """, CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS="0")
+    """, CONVNEXT_FAST_PATH_MIN_TRAIN_ELEMENTS="0")
     assert "OK" in out
 
 
@@ -987,7 +1011,7 @@ def test_kernels_match_reference_in_triton_interpreter(conv_impl, amp):
                     assert torch.equal(stage[1](mid), ref)
     """
     out = _run_in_interpreter(code, CONVNEXT_DWCONV=conv_impl,
-                              CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS="0", AMP="1" if amp else "0")
+                              CONVNEXT_FAST_PATH_MIN_TRAIN_ELEMENTS="0", AMP="1" if amp else "0")
     assert "ERR" in out
 
 
@@ -1146,7 +1170,7 @@ def test_gpu_wide_inference_blocks_use_linear_gelu(monkeypatch):
     monkeypatch.setattr(_kernels, "linear_gelu", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(_kernels, "gelu_bwd",
                         lambda *a, **k: gelu_bwd_calls.append(1) or real_gelu_bwd(*a, **k))
-    monkeypatch.setattr(ops, "MIN_TRAIN_PIXELS", 0)  # these small training blocks fused too
+    monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 0)  # these small training blocks fused too
     cfg = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 2, 1],
                          out_features=STAGES)
     m = ConvNextBackbone(cfg).cuda().eval().to(memory_format=torch.channels_last)

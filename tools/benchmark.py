@@ -193,28 +193,28 @@ def make_step(model: nn.Module, x: torch.Tensor, backward: bool, device: torch.d
     return step
 
 
-def _graph_context(peer: str, min_train_pixels: int) -> Callable[[], Any]:
+def _graph_context(peer: str, min_train_elements: int) -> Callable[[], Any]:
     """What this package's graphs are captured under: by default (0) every training block
-    on the fused kernels. `ops.MIN_TRAIN_PIXELS` sends small training blocks to the
+    on the fused kernels. `ops.MIN_TRAIN_ELEMENTS` sends small training blocks to the
     reference path because eagerly their fused backward's launches cost more host time
     than they save on the GPU; a graph's replays cost no host time per kernel."""
     if peer != "ours":
         return contextlib.nullcontext
     from convnext_backbone import ops
 
-    return lambda: ops.fast_path(ops.fast_path_enabled(), min_train_pixels=min_train_pixels)
+    return lambda: ops.fast_path(ops.fast_path_enabled(), min_train_elements=min_train_elements)
 
 
 def build_step(model: nn.Module, x: torch.Tensor, backward: bool, mode: str,
                device: torch.device, amp_dtype: Optional[torch.dtype], peer: str = "ours",
-               graph_min_train_pixels: int = 0) -> Tuple[Callable[[], None], float]:
+               graph_min_train_elements: int = 0) -> Tuple[Callable[[], None], float]:
     """The timed step of `mode` and its set-up seconds (compilation or capture);
-    `graph_min_train_pixels`: this package's small-training-block threshold in graph mode."""
+    `graph_min_train_elements`: this package's small-training-block threshold in graph mode."""
     t0 = time.perf_counter()
     if mode == "graph":
         if device.type != "cuda":
             raise ValueError("mode 'graph' captures a CUDA graph: it needs --device cuda")
-        context = _graph_context(peer, graph_min_train_pixels)
+        context = _graph_context(peer, graph_min_train_elements)
         step: Callable[[], None] = GraphedStep(model, x, backward, amp_dtype,
                                                capture_context=context)
     else:
@@ -363,7 +363,7 @@ def check_fast_path(variant: str, device: torch.device, amp_dtype: Optional[torc
 
     def run(fast: bool):
         # The check's input is small: let every training block take the fast path, too.
-        with ops.fast_path(fast), mock.patch.object(ops, "MIN_TRAIN_PIXELS", 0):
+        with ops.fast_path(fast), mock.patch.object(ops, "MIN_TRAIN_ELEMENTS", 0):
             xi = x.clone().requires_grad_(backward)
             # Inference workloads are checked the way they are timed (no autograd), so
             # inference-only paths are covered too.
@@ -407,7 +407,7 @@ def check_fast_path(variant: str, device: torch.device, amp_dtype: Optional[torc
 # --------------------------------------------------------------------------- driver
 def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode: str,
             device: torch.device, amp_dtype: Optional[torch.dtype], warmup: int,
-            iters: int, channels_last: bool, graph_min_train_pixels: int = 0) -> Dict[str, Any]:
+            iters: int, channels_last: bool, graph_min_train_elements: int = 0) -> Dict[str, Any]:
     batch, h, w, backward = workload
     torch.manual_seed(0)
     model = build_peer(peer, variant).to(device)
@@ -418,7 +418,7 @@ def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     step, setup_s = build_step(model, x, backward, mode, device, amp_dtype, peer,
-                               graph_min_train_pixels)
+                               graph_min_train_elements)
     times, peak, base = time_step(step, device, warmup, iters)
     med = statistics.median(times)
     out = {
@@ -445,7 +445,7 @@ def run_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode:
 
 def profile_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], mode: str,
                 device: torch.device, amp_dtype: Optional[torch.dtype], channels_last: bool,
-                top: int = 22, graph_min_train_pixels: int = 0) -> None:
+                top: int = 22, graph_min_train_elements: int = 0) -> None:
     """Prints the kernels that take the most device time in a few steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -456,7 +456,7 @@ def profile_one(peer: str, variant: str, workload: Tuple[int, int, int, bool], m
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     step, _ = build_step(model, x, backward, mode, device, amp_dtype, peer,
-                         graph_min_train_pixels)
+                         graph_min_train_elements)
     for _ in range(3):
         step()
     _sync(device)
@@ -568,9 +568,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--batch", type=int, default=None, help="override every workload's batch")
     p.add_argument("--no-check", action="store_true", help="skip the fast-path equality check")
-    p.add_argument("--graph-min-train-pixels", type=int, default=0,
+    p.add_argument("--graph-min-train-elements", type=int, default=0,
                    help="this package's small-training-block threshold in graph mode "
-                        "(default 0: every block fused; eager mode keeps ops.MIN_TRAIN_PIXELS)")
+                        "(default 0: every block fused; eager mode keeps ops.MIN_TRAIN_ELEMENTS)")
     p.add_argument("--out", default=os.path.join(ROOT, "outputs", "benchmark"))
     p.add_argument("--profile", nargs="*", default=None, metavar="PEER/MODE",
                    help="print the top CUDA kernels of these (e.g. ours/eager timm/compile) "
@@ -580,8 +580,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--merge", nargs="*", default=[],
                    help="results.json files of earlier runs (same device) to include in the table")
     args = p.parse_args(argv)
-    if args.graph_min_train_pixels < 0:
-        p.error(f"--graph-min-train-pixels must be >= 0, got {args.graph_min_train_pixels}")
+    if args.graph_min_train_elements < 0:
+        p.error(f"--graph-min-train-elements must be >= 0, got {args.graph_min_train_elements}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -663,7 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     try:
                         r = run_one(peer, args.variant, wl_spec, mode, device, amp_dtype,
                                     warmup, iters, channels_last=gpu,
-                                    graph_min_train_pixels=args.graph_min_train_pixels)
+                                    graph_min_train_elements=args.graph_min_train_elements)
                     except Exception as exc:  # noqa: BLE001 - one failure must not end the run
                         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                         r = {"peer": peer, "mode": mode, "error": msg}
@@ -692,7 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         peer, _, mode = spec.partition("/")
         try:
             profile_one(peer, args.variant, table[workloads[0]], mode or "eager", device,
-                        amp_dtype, gpu, graph_min_train_pixels=args.graph_min_train_pixels)
+                        amp_dtype, gpu, graph_min_train_elements=args.graph_min_train_elements)
         except Exception as exc:  # noqa: BLE001 - profiling is optional
             print(f"profile {spec} failed: {exc}")
     merged = list(results)

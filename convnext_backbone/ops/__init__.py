@@ -18,10 +18,10 @@ Switches (for benchmarks and debugging):
   - environment variable ``CONVNEXT_FAST_PATH=0`` turns the fast path off (read at import
     and by `refresh_from_env()`);
   - ``with convnext_backbone.ops.fast_path(False): ...`` turns it off (or on) in a block;
-  - ``CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS`` (default 16384): training blocks with fewer
-    pixels (batch x height x width) take the reference path (`MIN_TRAIN_PIXELS`;
-    ``fast_path(min_train_pixels=0)`` in a block, e.g. around a CUDA graph's warm-up and
-    capture, where no host time is spent issuing kernels);
+  - ``CONVNEXT_FAST_PATH_MIN_TRAIN_ELEMENTS`` (default 4194304): training blocks whose
+    input has fewer elements (batch x channels x height x width) take the reference path
+    (`MIN_TRAIN_ELEMENTS`; ``fast_path(min_train_elements=0)`` in a block, e.g. around a
+    CUDA graph's warm-up and capture, where no host time is spent issuing kernels);
   - ``CONVNEXT_DWCONV=cuda|cudnn|triton`` picks the depthwise-conv kernels (default cuda).
     Under torch.compile the setting in force when the graph is traced is baked into it.
 
@@ -34,6 +34,7 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -63,10 +64,17 @@ _ENABLED = _env_enabled()
 # uses the custom ops for every supported block under compile.
 _UNDER_COMPILE = os.environ.get("CONVNEXT_FAST_PATH_COMPILE", "0").strip().lower() in ("1", "true", "on", "yes")
 _TRITON_OK: Optional[bool] = None
-# Training blocks with fewer pixels (N*H*W) than this take the reference path: their GPU
-# work is small and the fused backward's extra kernel launches (Python-issued) cost more
-# CPU time than they save on the GPU (small-batch detection steps are CPU-bound).
-MIN_TRAIN_PIXELS = int(os.environ.get("CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS", "16384"))
+# Training blocks whose input has fewer elements (N*C*H*W) than this take the reference
+# path: the GPU time the fused block saves grows with its elements, its kernel launches
+# (Python-issued) cost the same host time at any size, and small-batch detection steps are
+# host-bound. 2^22 keeps the reference path for batch-2 800x1333 detection's stages 3-4
+# (3.2M and 1.6M elements) and fuses a 32x512^2 step's stage 4 (6.3M; its reference blocks
+# held 0.3 GB more at the step's peak).
+MIN_TRAIN_ELEMENTS = int(os.environ.get("CONVNEXT_FAST_PATH_MIN_TRAIN_ELEMENTS", str(2**22)))
+if "CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS" in os.environ:
+    warnings.warn("CONVNEXT_FAST_PATH_MIN_TRAIN_PIXELS is ignored: the threshold counts "
+                  "elements now (batch x channels x height x width); set "
+                  "CONVNEXT_FAST_PATH_MIN_TRAIN_ELEMENTS instead", FutureWarning)
 # Triton's interpreter runs the kernels on CPU tensors: lets CPU-only CI check the kernels'
 # arithmetic (slowly, on tiny shapes). Read once at import, like Triton itself does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -124,34 +132,35 @@ def fast_path_enabled() -> bool:
 
 @contextlib.contextmanager
 def fast_path(enabled: bool = True, under_compile: Optional[bool] = None,
-              min_train_pixels: Optional[int] = None) -> Iterator[None]:
+              min_train_elements: Optional[int] = None) -> Iterator[None]:
     """Context manager that switches the fast path on or off, restoring it afterwards.
 
     Args:
         enabled: False forces the pure-PyTorch reference path.
         under_compile: True also uses the fused ops inside torch.compile (default: the
             reference path there, which Inductor fuses better); None keeps the setting.
-        min_train_pixels: training blocks with fewer pixels take the reference path
-            (`MIN_TRAIN_PIXELS`). 0 sends every training block through the fused kernels:
-            right for a CUDA graph (capture the step and its warm-up inside this context),
-            whose replays cost no host time per kernel. None keeps the setting.
+        min_train_elements: training blocks whose input has fewer elements take the
+            reference path (`MIN_TRAIN_ELEMENTS`). 0 sends every training block through
+            the fused kernels: right for a CUDA graph (capture the step and its warm-up
+            inside this context), whose replays cost no host time per kernel. None keeps
+            the setting.
     """
-    global _ENABLED, _UNDER_COMPILE, MIN_TRAIN_PIXELS
-    if min_train_pixels is not None and (isinstance(min_train_pixels, bool)
-                                         or not isinstance(min_train_pixels, int)
-                                         or min_train_pixels < 0):
-        raise ValueError(f"min_train_pixels must be a non-negative int or None, "
-                         f"got {min_train_pixels!r}")
-    prev = _ENABLED, _UNDER_COMPILE, MIN_TRAIN_PIXELS
+    global _ENABLED, _UNDER_COMPILE, MIN_TRAIN_ELEMENTS
+    if min_train_elements is not None and (isinstance(min_train_elements, bool)
+                                           or not isinstance(min_train_elements, int)
+                                           or min_train_elements < 0):
+        raise ValueError(f"min_train_elements must be a non-negative int or None, "
+                         f"got {min_train_elements!r}")
+    prev = _ENABLED, _UNDER_COMPILE, MIN_TRAIN_ELEMENTS
     _ENABLED = bool(enabled)
     if under_compile is not None:
         _UNDER_COMPILE = bool(under_compile)
-    if min_train_pixels is not None:
-        MIN_TRAIN_PIXELS = min_train_pixels
+    if min_train_elements is not None:
+        MIN_TRAIN_ELEMENTS = min_train_elements
     try:
         yield
     finally:
-        _ENABLED, _UNDER_COMPILE, MIN_TRAIN_PIXELS = prev
+        _ENABLED, _UNDER_COMPILE, MIN_TRAIN_ELEMENTS = prev
 
 
 def _triton_ok() -> bool:
@@ -274,7 +283,7 @@ def use_fast_path(block: nn.Module, x: torch.Tensor) -> bool:
     """The dispatch decision of `ConvNextBlock.forward`."""
     if not (_tensor_may_take_fast_path(x) and block_supported(block)):
         return False
-    if x.shape[0] * x.shape[2] * x.shape[3] < MIN_TRAIN_PIXELS and needs_backward(block, x):
+    if x.numel() < MIN_TRAIN_ELEMENTS and needs_backward(block, x):
         return False
     if torch.compiler.is_compiling():
         if _UNDER_COMPILE:

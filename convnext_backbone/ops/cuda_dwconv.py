@@ -12,6 +12,14 @@ forward convs, input-gradient convs and the residual adds it fuses. The weight g
 0.76 in a 2x800x1333 detection step (cuDNN: 1.88), and sums in fp32 where cuDNN returns
 bf16. (cuDNN's times are from earlier sweeps on the same GPU model.)
 
+On GPUs from sm_80 on, the forward conv of images with channels in 8s, at least 12 pixels
+a side and enough tiles to fill the GPU 2.5 times (`_tc_pays`) runs on the tensor cores
+instead (``dwconv7_nhwc_tc``: per channel and tap row, a 16-row tile's sums are one
+product with a band matrix of the 7 taps; see the source): 1.26 against 1.46 ms for that
+inference step's convs and 1.25 against 1.49 ms for the training step's forward convs
+(H100). The input-gradient conv, which adds the residual gradient, keeps the CUDA-core
+kernel (on par there).
+
 It is compiled by NVRTC, which CUDA builds of PyTorch ship and load, so nothing is needed
 beyond torch: no nvcc, no build step, no download. Each variant (dtype, output dtype,
 residual, mirrored taps, channels per block, 16- or 8-byte copies; for the weight
@@ -248,7 +256,7 @@ def _max_tile_rows(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     rows = _max_rows.get(index)
     if rows is None:
-        per_sm = torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor
+        per_sm = _smem_per_sm(device)
         block = (_tile_bytes(_MAX_GROUPS_PER_BLOCK, _MAX_TILE_ROWS)
                  + _static_smem_bytes(_MAX_GROUPS_PER_BLOCK) + 1024)  # 1 KB reserved a block
         rows = _max_rows[index] = _MAX_TILE_ROWS if per_sm >= 2 * block else _SMALL_TILE_ROWS
@@ -264,7 +272,9 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
     in `out_dtype` (default x's dtype) as a channels_last NCHW tensor.
 
     x: (N, C, H, W) with `supports(x)`; taps: (C, 1, 7, 7) or (C, 49), any float dtype;
-    residual: x's shape, fp32 or x's dtype."""
+    residual: x's shape, fp32 or x's dtype. Without a residual, shapes where it is the
+    faster kernel run on the tensor cores (`TENSOR_CORES`, `_tc_pays`); the sums are the
+    same fp32 sums in another order."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         # The launch goes to the current context: make it x's device's (aten ops do the same).
         with torch.cuda.device(x.device):
@@ -286,6 +296,19 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
         residual_kind = 1 if residual.dtype == torch.float32 else 2
         if residual.data_ptr() % 16:
             residual = residual.clone(memory_format=torch.channels_last)
+    if _uses_tensor_cores(x, residual_kind):
+        key = (x.device.index, x.dtype, out_dtype, mirror, n, c, h, w, TENSOR_CORES)
+        if key not in _tc_plans:
+            _tc_plans[key] = _tc_plan(x.device, x.dtype == torch.bfloat16,
+                                      out_dtype == torch.float32, mirror, n, c, h, w,
+                                      force=TENSOR_CORES == "always")
+        plan = _tc_plans[key]
+        if plan is not None:
+            func, grid, threads, smem, ints = plan
+            out = x.new_empty((n, h, w, c), dtype=out_dtype).permute(0, 3, 1, 2)
+            _launch(func, grid, threads, smem, x.device, (x.data_ptr(), taps.data_ptr(),
+                                                          out.data_ptr()), ints)
+            return out
     groups = c // _VEC
     gpb = _groups_per_block(groups)
     func = _function(x.device, "dwconv7_nhwc",
@@ -301,6 +324,74 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
              out.data_ptr()),
             (n, h, w, groups, strips, tile_rows))
     return out
+
+
+# The tensor-core conv (dwconv7.cu, TENSOR_CORES): tiles of _TC_TILE x _TC_TILE output
+# pixels, a warp per 8 channels and up to _TC_MAX_WARPS warps a block. It is used for the
+# forward conv (no residual) of images at least _TC_MIN_SIDE pixels a side with at least
+# _TC_MIN_WAVES waves of (tile, channel block) pairs: there it was faster on an H100 (bf16,
+# do_bench per conv, as tools/microbench_dwconv.py times it: 148 against 171 us at
+# 128x96x56^2, 84 against 103 at 128x192x28^2, 51 against 58 at 128x384x14^2, 154 against
+# 202 at 32x96x128^2), and slower where a 16x16 tile is mostly padding (61 against 38 us
+# at 128x768x7^2) or the work is under two waves (43.5 against 41 at 2x192x100x167). It
+# adds no residual: with one (the input gradient, 260 against 271 us at 32x96x128^2, 44
+# against 35 at 2x384x50x84) it was on par at best.
+# "auto": where it is the faster kernel (above); "always" where it applies at all, "never":
+# for tests and measurements, which run both kernels.
+TENSOR_CORES = "auto"
+_TC_TILE = 16
+_TC_MAX_WARPS = 4
+_TC_MIN_SIDE = 12
+_TC_MIN_WAVES = 2.5
+_tc_plans: Dict[Tuple, Optional[Tuple]] = {}
+
+
+def _uses_tensor_cores(x: Tensor, residual_kind: int = 0) -> bool:
+    if TENSOR_CORES not in ("auto", "always", "never"):
+        raise ValueError("cuda_dwconv.TENSOR_CORES must be 'auto', 'always' or 'never', got "
+                         f"{TENSOR_CORES!r}")
+    if TENSOR_CORES == "never" or residual_kind:
+        return False
+    # mma.m16n8k16 in bf16/fp16 needs sm_80; a warp's 8 channels are one 16-byte load.
+    return (x.shape[1] % 8 == 0 and x.data_ptr() % 16 == 0
+            and _capability_of(x.device)[0] >= 8)
+
+
+def _tc_smem_bytes(warps: int) -> int:
+    # dwconv7.cu's TC_TILE_BYTES (each warp's 8 channel tiles of 22 rows of 48 bytes, and
+    # 32 bytes of padding) and tap-pair tables (7 x 22 pairs of 4 bytes a channel).
+    return warps * (8 * 22 * 48 + 32) + 8 * warps * 7 * 22 * 4
+
+
+def _tc_pays(h: int, w: int, block_tiles: int, slots: int) -> bool:
+    """Whether the tensor-core conv is the faster one for an h x w image with `block_tiles`
+    (tile, channel block) pairs on a GPU with `slots` resident blocks (see above)."""
+    return min(h, w) >= _TC_MIN_SIDE and block_tiles >= _TC_MIN_WAVES * slots
+
+
+def _tc_plan(device: torch.device, elem_bf16: bool, out_fp32: bool, mirror: bool, n: int,
+             c: int, h: int, w: int, force: bool = False
+             ) -> Optional[Tuple[ctypes.c_void_p, Tuple[int, int], int, int, Tuple[int, ...]]]:
+    """(kernel, grid, threads, shared memory, int parameters) of a tensor-core conv launch,
+    worked out once per shape, or None where the shape is one the CUDA-core kernel runs
+    faster (unless `force`): as many blocks as are resident at once (each walks tiles with
+    a grid stride, building its tap table once), split over the channel blocks."""
+    chunks = c // 8
+    warps = max(d for d in range(1, _TC_MAX_WARPS + 1) if chunks % d == 0)
+    smem = _tc_smem_bytes(warps)
+    # Registers cap a block of 4 warps at 4 an SM (128 a thread), shared memory too.
+    resident = min(_smem_per_sm(device) // (smem + 1024), 16 // warps)
+    row_tiles, col_tiles = -(-h // _TC_TILE), -(-w // _TC_TILE)
+    channel_blocks = chunks // warps
+    tiles = n * row_tiles * col_tiles
+    slots = resident * _sm_count(device)
+    if not force and not _tc_pays(h, w, tiles * channel_blocks, slots):
+        return None
+    macros = dict(_macros(elem_bf16, out_fp32, 0, mirror, 2 * warps), TENSOR_CORES=1)
+    func = _function(device, "dwconv7_nhwc_tc", macros, dynamic_smem=smem)
+    grid_x = min(tiles, max(1, slots // channel_blocks))
+    return func, (grid_x, channel_blocks), 32 * warps, smem, (n, h, w, chunks, row_tiles,
+                                                             col_tiles)
 
 
 def _launch(func: ctypes.c_void_p, grid: Tuple[int, int], threads: int, smem: int,
@@ -356,6 +447,10 @@ def _wgrad_tile_width(width: int) -> int:
 
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _smem_per_sm(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
 
 
 _wgrad_plans: Dict[Tuple, Tuple] = {}  # (device, dtype, shape) -> _wgrad_plan's answer

@@ -10,6 +10,9 @@
 //                     GROUPS_PER_BLOCK and 16-byte aligned tensors. 0: 8 bytes
 //   WGRAD             1: build the weight-gradient kernel (below) instead of the conv;
 //                     with it only ELEM_BF16, GROUPS_PER_BLOCK, COPY16 and TILE_W count
+//   TENSOR_CORES      1: build the conv on the tensor cores (below) instead; with it
+//                     RESIDUAL must be 0, COPY16 does not count and GROUPS_PER_BLOCK is
+//                     twice the warps a block (8 channels each)
 // and these run-time parameters besides the tensors' sizes:
 //   tile_rows         output rows a thread block covers (one strip of PIX pixels wide), at
 //                     most MAX_TILE_ROWS; the block has GROUPS_PER_BLOCK * tile_rows threads
@@ -131,7 +134,7 @@ __device__ __forceinline__ void copy_window(const uint2* __restrict__ t, int ima
   }
 }
 
-#if !WGRAD
+#if !WGRAD && !TENSOR_CORES
 extern "C" __global__ void __launch_bounds__(GROUPS_PER_BLOCK * MAX_TILE_ROWS)
 dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
              const residual_t* __restrict__ residual, out_t* __restrict__ out,
@@ -231,7 +234,235 @@ dwconv7_nhwc(const uint2* __restrict__ x, const float* __restrict__ taps,
 #endif
   }
 }
-#endif  // !WGRAD
+#endif  // !WGRAD && !TENSOR_CORES
+
+#if TENSOR_CORES
+// The same conv on the tensor cores (sm_80+), built with TENSOR_CORES=1. A thread block
+// covers tiles of TC_TILE x TC_TILE output pixels of one image and TC_CHANNELS channels,
+// a warp per 8 of them (GROUPS_PER_BLOCK is even). For one channel and tap row kh, a tile's
+// sums are a product: out[r][n] += sum_k in[r + kh][n + k] w[kh][k] is D = A B with
+// A[r][k'] = in[r + kh][k'] (16 rows by 16 input columns) and B[k'][n] = w[kh][k' - n]
+// (zero outside 0..6), one mma.m16n8k16 per 8 output columns, products summed in fp32.
+// The input tile is stored channel by channel (rows of TC_IN_COLS pixels), so that
+// ldmatrix reads A from it: the fill loads each pixel's 8 channels (16 bytes, neighbouring
+// threads on neighbouring bytes) and stores pixel pairs per channel. The band matrices'
+// fragments come from a per-block table of tap pairs, built once: a block walks tiles with
+// a grid stride. The sums go back through shared memory (pixel-major) so that the output
+// stores are whole pixels' channels. No residual is added (RESIDUAL must be 0): with one,
+// as the input gradient, it was only on par with the CUDA-core kernel.
+#define TC_TILE 16
+#define TC_IN_ROWS (TC_TILE + 6)
+#define TC_IN_COLS 24                   // TC_TILE + 6 taps' reach, rounded up to 8 pixels
+#define TC_ROW_BYTES (TC_IN_COLS * 2)   // 48: ldmatrix's 8 row addresses hit distinct banks
+#define TC_CHANNEL_BYTES (TC_IN_ROWS * TC_ROW_BYTES)
+#define TC_CHUNK_BYTES (8 * TC_CHANNEL_BYTES + 32)  // +32: the fill's chunks on other banks
+#define TC_PAIRS 22                     // tap pairs per (channel, kh): k' - n + 7 in 0..21
+#define TC_WARPS (GROUPS_PER_BLOCK / 2)
+#define TC_CHANNELS (8 * TC_WARPS)
+#define TC_HALF_BYTES (4 * TC_CHANNEL_BYTES)  // a warp's 4 channel tiles; later their sums
+#define TC_TILE_BYTES (TC_WARPS * TC_CHUNK_BYTES)
+// The host sizes shared memory as cuda_dwconv._tc_smem_bytes: TC_TILE_BYTES (the input
+// tile, later the sums), then the tap-pair tables.
+
+// Where a pixel's 4 fp32 sums go: 16 bytes a pixel, bit 0 flipped on odd 16-pixel rows so
+// that the 8 pixels a quarter warp writes (rows g, g + 1) fall on distinct banks.
+__device__ __forceinline__ int sum_offset(int pixel) {
+  return (pixel ^ ((pixel >> 4) & 1)) * 16;
+}
+
+#if ELEM_BF16
+#define MMA_ELEM "bf16"
+#else
+#define MMA_ELEM "f16"
+#endif
+
+// d += A B for one m16n8k16 tile: A's fragment in a0..a3, B's in b0, b1 (fp32 sums).
+__device__ __forceinline__ void mma_16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                          u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_ELEM "." MMA_ELEM ".f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The A fragments of step kh * 4 + c: channel c's tile rows kh..kh+15 (ldmatrix x4: rows
+// 0-7 | 8-15 by columns 0-7 | 8-15; x2: the same rows of columns 16-23).
+__device__ __forceinline__ void load_a(u32 (&a)[6], unsigned a4, unsigned a2, int step) {
+  const unsigned offset = (step % 4) * TC_CHANNEL_BYTES + (step / 4) * TC_ROW_BYTES;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(a4 + offset));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(a[4]), "=r"(a[5]) : "r"(a2 + offset));
+}
+
+#if RESIDUAL
+#error "the tensor-core conv adds no residual (on par with the CUDA-core kernel there)"
+#endif
+extern "C" __global__ void __launch_bounds__(32 * TC_WARPS, 16 / TC_WARPS)
+dwconv7_nhwc_tc(const uint4* __restrict__ x, const float* __restrict__ taps,
+                out_t* __restrict__ out, int images, int height, int width, int chunks,
+                int row_tiles, int col_tiles) {
+  extern __shared__ __align__(16) unsigned char tc_smem[];
+  u32* pairs = reinterpret_cast<u32*>(tc_smem + TC_TILE_BYTES);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int first_chunk = blockIdx.y * TC_WARPS;  // chunks of 8 channels
+  const int channels = chunks * 8;
+
+  // Tap pairs: pairs[(c * 7 + kh) * TC_PAIRS + e] = (w[kh][e - 7], w[kh][e - 6]), each
+  // rounded to the input's type (as autocast rounds the weight), zero outside 0..6.
+  const float* block_taps = taps + first_chunk * 8 * TAPS;
+  for (int i = threadIdx.x; i < TC_CHANNELS * 7 * TC_PAIRS; i += blockDim.x) {
+    const int c = i / (7 * TC_PAIRS), rest = i - c * (7 * TC_PAIRS);
+    const int kh = rest / TC_PAIRS, d = rest - kh * TC_PAIRS - 7;
+    float v[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int kw = d + s;
+      const int tap = MIRROR_TAPS ? TAPS - 1 - (kh * 7 + kw) : kh * 7 + kw;
+      v[s] = (kw >= 0 && kw < 7) ? block_taps[c * TAPS + tap] : 0.f;
+    }
+    pairs[i] = pack_rounded(v[0], v[1]);
+  }
+
+  const int g = lane / 4, q = lane % 4;  // the mma fragments' row and column pair
+  // ldmatrix row addresses: x4 gives the 8x8 blocks (rows 0-7 | 8-15) x (columns 0-7 | 8-15),
+  // x2 the rows 0-7 | 8-15 of columns 16-23.
+  const int a_row = (lane & 7) + 8 * ((lane >> 3) & 1);
+  const unsigned warp_tile = shared_address(tc_smem) + warp * TC_CHUNK_BYTES;
+  const unsigned a4 = warp_tile + a_row * TC_ROW_BYTES + (lane >> 4) * 16;
+  const unsigned a2 = warp_tile + a_row * TC_ROW_BYTES + 32;
+  const u32* my_pairs = pairs + warp * 8 * 7 * TC_PAIRS + 2 * q - g + 7;
+  const int tiles_per_image = row_tiles * col_tiles;
+  const int tiles = images * tiles_per_image;
+
+#pragma unroll 1
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int image = t / tiles_per_image, rest = t - image * tiles_per_image;
+    const int first_row = (rest / col_tiles) * TC_TILE, first_col = (rest % col_tiles) * TC_TILE;
+    __syncthreads();  // the last tile's sums are stored (and the pairs are built)
+    // Fill: a unit is two neighbouring pixels' 8 channels (16 bytes each), the block's
+    // chunks varying fastest across threads (whole pixels' channels per load), stored as
+    // one 4-byte pixel pair per channel. Loads are issued a batch at a time.
+    constexpr int UNITS = TC_WARPS * TC_IN_ROWS * (TC_IN_COLS / 2);
+    constexpr int PER_THREAD = (UNITS + 32 * TC_WARPS - 1) / (32 * TC_WARPS);
+    constexpr int BATCH = 5;
+#pragma unroll
+    for (int b0 = 0; b0 < PER_THREAD; b0 += BATCH) {
+      uint4 v[BATCH][2];
+      int where[BATCH];
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) {
+        const int u = threadIdx.x + (b0 + b) * 32 * TC_WARPS;
+        const int chunk = u % TC_WARPS, pixel_pair = u / TC_WARPS;
+        const int row = pixel_pair / (TC_IN_COLS / 2), pair = pixel_pair % (TC_IN_COLS / 2);
+        where[b] = (b0 + b < PER_THREAD && u < UNITS)
+                       ? chunk * TC_CHUNK_BYTES + row * TC_ROW_BYTES + pair * 4 : -1;
+        const int in_row = first_row - 3 + row, in_col = first_col - 3 + 2 * pair;
+        const bool row_inside = where[b] >= 0 && (unsigned)in_row < (unsigned)height;
+        const int base = ((image * height + in_row) * width + in_col) * chunks + first_chunk +
+                         chunk;
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const bool inside = row_inside && (unsigned)(in_col + s) < (unsigned)width;
+          v[b][s] = inside ? __ldg(x + base + s * chunks) : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) {
+        if (where[b] < 0) continue;
+        unsigned char* dst = tc_smem + where[b];
+        const u32 p0[4] = {v[b][0].x, v[b][0].y, v[b][0].z, v[b][0].w};
+        const u32 p1[4] = {v[b][1].x, v[b][1].y, v[b][1].z, v[b][1].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          *reinterpret_cast<u32*>(dst + (2 * i) * TC_CHANNEL_BYTES) =
+              __byte_perm(p0[i], p1[i], 0x5410);
+          *reinterpret_cast<u32*>(dst + (2 * i + 1) * TC_CHANNEL_BYTES) =
+              __byte_perm(p0[i], p1[i], 0x7632);
+        }
+      }
+    }
+    __syncthreads();
+    // Two halves of 4 channels (32 sums live, not 64). Channels innermost: consecutive
+    // products go to different sums, and the A fragments are loaded one step ahead.
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+      float acc[4][2][4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[c][j][e] = 0.f;
+      const unsigned half_a4 = a4 + half * 4 * TC_CHANNEL_BYTES;
+      const unsigned half_a2 = a2 + half * 4 * TC_CHANNEL_BYTES;
+      const u32* half_pairs = my_pairs + half * 4 * 7 * TC_PAIRS;
+      u32 a[2][6];
+      load_a(a[0], half_a4, half_a2, 0);
+#pragma unroll 1
+      for (int kh = 0; kh < 7; ++kh) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int next = kh * 4 + c + 1;  // (kh, c) flattened, one ahead
+          if (next < 28) load_a(a[(c + 1) & 1], half_a4, half_a2, next);
+          const u32 b0 = half_pairs[(c * 7 + kh) * TC_PAIRS];
+          const u32 b1 = half_pairs[(c * 7 + kh) * TC_PAIRS + 8];
+          const u32(&t)[6] = a[c & 1];
+          mma_16816(acc[c][0], t[0], t[1], t[2], t[3], b0, b1);
+          mma_16816(acc[c][1], t[2], t[3], t[4], t[5], b0, b1);
+        }
+      }
+      // The sums replace the half's 4 channel tiles, which only this warp reads:
+      // acc[c][j][e] is pixel (g + 8 (e / 2), 8 j + 2 q + e % 2) of channel 4 half + c.
+      __syncwarp();
+      unsigned char* half_sums = tc_smem + warp * TC_CHUNK_BYTES + half * TC_HALF_BYTES;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int pixel = (g + 8 * (e / 2)) * TC_TILE + 8 * j + 2 * q + e % 2;
+          *reinterpret_cast<float4*>(half_sums + sum_offset(pixel)) =
+              make_float4(acc[0][j][e], acc[1][j][e], acc[2][j][e], acc[3][j][e]);
+        }
+    }
+    __syncthreads();
+    // Stores: a thread per (pixel, chunk of 8 channels), the chunks varying fastest, a
+    // batch of sums loaded at a time.
+    constexpr int OUT_PER_THREAD = TC_TILE * TC_TILE / 32;  // 8
+    constexpr int OUT_BATCH = 4;
+#pragma unroll
+    for (int o0 = 0; o0 < OUT_PER_THREAD; o0 += OUT_BATCH) {
+      float4 s[OUT_BATCH][2];
+      int at[OUT_BATCH];
+#pragma unroll
+      for (int k = 0; k < OUT_BATCH; ++k) {
+        const int u = threadIdx.x + (o0 + k) * 32 * TC_WARPS;
+        const int chunk = u % TC_WARPS, pixel = u / TC_WARPS;
+        const int row = first_row + pixel / TC_TILE, col = first_col + pixel % TC_TILE;
+        at[k] = row < height && col < width
+                    ? ((image * height + row) * width + col) * channels + (first_chunk + chunk) * 8
+                    : -1;
+        const unsigned char* chunk_sums = tc_smem + chunk * TC_CHUNK_BYTES + sum_offset(pixel);
+        s[k][0] = *reinterpret_cast<const float4*>(chunk_sums);
+        s[k][1] = *reinterpret_cast<const float4*>(chunk_sums + TC_HALF_BYTES);
+      }
+#pragma unroll
+      for (int k = 0; k < OUT_BATCH; ++k) {
+        if (at[k] < 0) continue;
+#if OUT_FP32
+        float4* o = reinterpret_cast<float4*>(out + at[k]);
+        o[0] = s[k][0];
+        o[1] = s[k][1];
+#else
+        *reinterpret_cast<uint4*>(out + at[k]) =
+            make_uint4(pack_rounded(s[k][0].x, s[k][0].y), pack_rounded(s[k][0].z, s[k][0].w),
+                       pack_rounded(s[k][1].x, s[k][1].y), pack_rounded(s[k][1].z, s[k][1].w));
+#endif
+      }
+    }
+  }
+}
+#endif  // TENSOR_CORES
 
 #if WGRAD
 // The weight gradient: dtaps[c][kh * 7 + kw] = sum over n, h, w of
