@@ -133,10 +133,16 @@ def test_weight_gradient_tiles_load_the_fewest_columns(width, tile_w):
     ((128, 768, 7, 7), False), ((32, 96, 128, 128), True), ((32, 384, 32, 32), True),
     ((2, 96, 200, 334), True), ((2, 192, 100, 167), False), ((2, 384, 50, 84), False),
     ((2, 768, 25, 42), False)])
-def test_tensor_core_conv_runs_where_it_was_measured_faster(shape, faster):
+def test_tensor_core_conv_runs_where_it_was_measured_faster(monkeypatch, shape, faster):
+    monkeypatch.setattr(cuda_dwconv, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_dwconv, "_smem_per_sm", lambda device: 228 * 1024)
+    monkeypatch.setattr(cuda_dwconv, "_function", lambda device, kernel, macros, **kw: kernel)
     n, c, h, w = shape
-    tiles = n * -(-h // cuda_dwconv._TC_TILE) * -(-w // cuda_dwconv._TC_TILE)
-    assert cuda_dwconv._tc_pays(h, w, tiles * (c // 32), 4 * 132) == faster
+    plan = cuda_dwconv._tc_plan(torch.device("cuda", 0), True, False, False, n, c, h, w)
+    assert (plan is not None) == faster
+    if plan is not None:  # four blocks of 4 warps an SM, split over the channel blocks
+        assert plan[0] == "dwconv7_nhwc_tc" and plan[2] == 128
+        assert plan[1] == (min(n * -(-h // 16) * -(-w // 16), 4 * 132 // (c // 32)), c // 32)
 
 
 def test_microbench_names_its_columns_and_needs_a_gpu():
@@ -219,7 +225,10 @@ def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch, ten
     monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", tensor_cores)
     monkeypatch.setattr(cuda_dwconv, "_tc_plans", {})
 
+    attempted = []
+
     def failing_compile(macros, arch, extra_options=()):
+        attempted.append(macros.get("TENSOR_CORES", 0))
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(cuda_dwconv, "compile_source", failing_compile)
@@ -232,6 +241,7 @@ def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch, ten
         y = fused_block._library_conv_forward(x, taps, taps.to(torch.bfloat16),
                                               fused_block.CONV_CUDA)
     assert torch.equal(y, ref)
+    assert attempted == [1 if tensor_cores == "always" else 0]  # 9x11: too small for "auto"
     assert not cuda_dwconv.available() and "no compiler here" in cuda_dwconv.unavailable_reason()
     dout = torch.randn(2, 8, 9, 11).contiguous(memory_format=torch.channels_last)
     dx = fused_block._library_conv_input_grad(
