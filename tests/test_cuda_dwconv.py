@@ -141,8 +141,8 @@ def test_tensor_core_conv_runs_where_it_was_measured_faster(monkeypatch, shape, 
     plan = cuda_dwconv._tc_plan(torch.device("cuda", 0), True, False, False, n, c, h, w)
     assert (plan is not None) == faster
     if plan is not None:  # four blocks of 4 warps an SM, split over the channel blocks
-        assert plan[0] == "dwconv7_nhwc_tc" and plan[2] == 128
-        assert plan[1] == (min(n * -(-h // 16) * -(-w // 16), 4 * 132 // (c // 32)), c // 32)
+        assert plan.func == "dwconv7_nhwc_tc" and plan.threads == 128
+        assert plan.grid == (min(n * -(-h // 16) * -(-w // 16), 4 * 132 // (c // 32)), c // 32)
 
 
 def test_microbench_names_its_columns_and_needs_a_gpu():
@@ -157,12 +157,12 @@ def test_microbench_names_its_columns_and_needs_a_gpu():
 
 
 def test_tensor_core_switch_is_checked(monkeypatch):
-    x = torch.zeros(1, 8, 4, 4)
+    cpu = torch.device("cpu")
     monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", "yes")
     with pytest.raises(ValueError, match="'auto', 'always' or 'never'"):
-        cuda_dwconv._uses_tensor_cores(x)
+        cuda_dwconv._uses_tensor_cores(8, True, cpu)
     monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", "never")
-    assert not cuda_dwconv._uses_tensor_cores(x)
+    assert not cuda_dwconv._uses_tensor_cores(8, True, cpu)
 
 
 def test_compile_errors_name_the_variant(monkeypatch, tmp_path):
@@ -223,7 +223,7 @@ def test_block_falls_back_to_cudnn_when_the_kernel_cannot_build(monkeypatch, ten
     monkeypatch.setattr(cuda_dwconv, "_sm_count", lambda device: 132)
     monkeypatch.setattr(cuda_dwconv, "_smem_per_sm", lambda device: 228 * 1024)
     monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", tensor_cores)
-    monkeypatch.setattr(cuda_dwconv, "_tc_plans", {})
+    monkeypatch.setattr(cuda_dwconv, "_conv_launches", {})
 
     attempted = []
 
@@ -302,7 +302,7 @@ def test_gpu_kernel_matches_fp64_conv(tensor_cores, dtype, residual, out_fp32, m
     torch.manual_seed(0)
     for n, c, h, w in SHAPES + TENSOR_CORE_SHAPES:
         x = _nhwc_at_offset((n, c, h, w), dtype, 0 if aligned else 4)
-        assert cuda_dwconv._uses_tensor_cores(x, residual) == (
+        assert cuda_dwconv._uses_tensor_cores(c, x.data_ptr() % 16 == 0, x.device, residual) == (
             tensor_cores == "always" and aligned and c % 8 == 0 and not residual)
         off = 0 if aligned else 1
         taps = (torch.randn(c * 49 + 1, device="cuda") * 0.2)[off:off + c * 49].view(c, 1, 7, 7)

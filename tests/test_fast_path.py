@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import unittest.mock
 
 import pytest
 import torch
@@ -321,6 +322,7 @@ def test_direct_launch_keys_follow_triton_specialisation():
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
+    from convnext_backbone.ops import _launch
     from convnext_backbone.ops._launch import _spec
 
     base = torch.zeros(64)
@@ -331,6 +333,10 @@ def test_direct_launch_keys_follow_triton_specialisation():
         for b in values:
             same_triton = triton_spec(a) == triton_spec(b)
             assert (_spec(a) == _spec(b)) == same_triton, (a, b)
+    # The launch key's inline form is `_spec` itself.
+    key = _launch._DirectLaunch(None)._key
+    with unittest.mock.patch.object(torch._C, "_cuda_getDevice", lambda: 0, create=True):
+        assert key(tuple(values), {"B": 1}) == (0, tuple(map(_spec, values)), (("B", 1),))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -360,7 +366,7 @@ def test_direct_launch_reuses_the_compiled_kernel(monkeypatch):
 
     monkeypatch.setattr(_launch, "_SUPPORTED", True)
     monkeypatch.setattr(_launch, "_hooks_set", lambda: False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
     k = _launch.direct_launch(Jit())
     x = torch.zeros(64)

@@ -209,12 +209,21 @@ def _no_hooks(*modules: nn.Module) -> bool:
 def submodules_plain(block: nn.Module, names) -> bool:
     """Whether `block`'s submodules `names` are plain layers without hooks (and no global
     module hooks are registered)."""
-    subs = {name: getattr(block, name, None) for name in names}
-    if not _no_hooks(*(sub for sub in subs.values() if sub is not None)):
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
         return False
-    for name, sub in subs.items():
+    # Called for every block of every forward: the registry itself rather than getattr
+    # (Module.__getattr__ is Python), one pass.
+    modules = block._modules
+    for name in names:
+        sub = modules.get(name)
+        if sub is None:
+            continue
+        if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
+                or sub._backward_pre_hooks):
+            return False
         expected = _PLAIN_LAYER_TYPES.get(name)
-        if sub is not None and expected is not None and type(sub) is not expected:
+        if expected is not None and type(sub) is not expected:
             return False
     return True
 
@@ -233,9 +242,13 @@ def drop_path_active(block: nn.Module) -> bool:
 
 def block_supported(block: nn.Module) -> bool:
     """Whether a `ConvNextBlock`'s options are covered by the fused kernels."""
-    act = getattr(block, "act", None)
-    dw = getattr(block, "dwconv", None)
-    return (getattr(block, "grn", None) is None and getattr(block, "gamma", None) is not None
+    modules = block._modules  # submodules live here (getattr would go through Python)
+    act = modules.get("act")
+    dw = modules.get("dwconv")
+    gamma = block._parameters.get("gamma")
+    if gamma is None:  # a buffer, a plain attribute or None
+        gamma = getattr(block, "gamma", None)
+    return (getattr(block, "grn", None) is None and gamma is not None
             and isinstance(act, nn.GELU) and act.approximate == "none"
             and isinstance(dw, nn.Conv2d) and tuple(dw.kernel_size) == (7, 7)
             and tuple(dw.padding) == (3, 3) and tuple(dw.stride) == (1, 1)
@@ -255,6 +268,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def block_params(block: nn.Module):
     """The parameters the fused op takes, in its argument order."""
+    try:  # the registries themselves: attribute lookups through Module.__getattr__ cost more
+        mods = block._modules
+        dw, norm = mods["dwconv"]._parameters, mods["norm"]._parameters
+        fc1, fc2 = mods["pwconv1"]._parameters, mods["pwconv2"]._parameters
+        return (dw["weight"], dw["bias"], norm["weight"], norm["bias"], fc1["weight"],
+                fc1["bias"], fc2["weight"], fc2["bias"], block._parameters["gamma"])
+    except KeyError:  # e.g. gamma set as a plain tensor attribute
+        pass
     return (block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias,
             block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
             block.gamma)

@@ -679,23 +679,28 @@ def ln_mlp_residual(y: torch.Tensor, y_bias: torch.Tensor, x: torch.Tensor,
         (h, mean, rstd) when store_h, else None.
     """
     P, C = y.shape
-    block_m, block_h, num_warps, num_stages = config or _ln_mlp_config(C)
-    hid = 4 * C
-    block_h = _largest_pow2_divisor(hid, block_h)  # the hidden loop has no tail
-    kc = _largest_pow2_divisor(C, 128)
-    out_a, out_b = _out_parts(C)
     if store_h:
-        h = torch.empty((P, hid), device=y.device, dtype=y.dtype)
+        h = torch.empty((P, 4 * C), device=y.device, dtype=y.dtype)
         mean = torch.empty((P,), device=y.device, dtype=torch.float32)
         rstd = torch.empty((P,), device=y.device, dtype=torch.float32)
     else:
         h = mean = rstd = y
-    _ln_mlp_kernel[(_cdiv(P, block_m),)](
-        y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out,
-        out_lp if out_lp is not None else out, h, mean, rstd, P, eps, C=C, KC=kc, OUT_A=out_a,
-        OUT_B=out_b, BLOCK_M=block_m, BLOCK_H=block_h, STORE_H=store_h,
-        STORE_LP=out_lp is not None, num_warps=num_warps, num_stages=num_stages)
+    grid, meta = ln_mlp_launch(P, C, store_h, out_lp is not None, config)
+    _ln_mlp_kernel[grid](y, y_bias, x, ln_weight, ln_bias, w1, b1, w2, b2, gamma, out,
+                         out_lp if out_lp is not None else out, h, mean, rstd, P, eps, **meta)
     return (h, mean, rstd) if store_h else None
+
+
+def ln_mlp_launch(P: int, C: int, store_h: bool, store_lp: bool, config=None
+                  ) -> Tuple[Tuple[int], dict]:
+    """`_ln_mlp_kernel`'s grid and constexprs (with num_warps, num_stages) for P rows."""
+    block_m, block_h, num_warps, num_stages = config or _ln_mlp_config(C)
+    block_h = _largest_pow2_divisor(4 * C, block_h)  # the hidden loop has no tail
+    out_a, out_b = _out_parts(C)
+    return (_cdiv(P, block_m),), dict(
+        C=C, KC=_largest_pow2_divisor(C, 128), OUT_A=out_a, OUT_B=out_b, BLOCK_M=block_m,
+        BLOCK_H=block_h, STORE_H=store_h, STORE_LP=store_lp, num_warps=num_warps,
+        num_stages=num_stages)
 
 
 @direct_launch
@@ -765,10 +770,17 @@ def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
         raise ValueError(f"linear_gelu needs w (N, {K}) with K a multiple of {block_k} and N "
                          f"of {block_n}, got x {tuple(x.shape)}, w {tuple(w.shape)}")
     g = torch.empty((P, N), device=x.device, dtype=x.dtype)
-    _linear_gelu_kernel[(_cdiv(P, block_m) * (N // block_n),)](
-        x, w, b, g, P, N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+    grid, meta = linear_gelu_launch(P, N, K, tile)
+    _linear_gelu_kernel[grid](x, w, b, g, P, **meta)
     return g
+
+
+def linear_gelu_launch(P: int, N: int, K: int, tile=None) -> Tuple[Tuple[int], dict]:
+    """`_linear_gelu_kernel`'s grid and constexprs (with num_warps, num_stages)."""
+    block_m, block_n, block_k, num_warps, num_stages, group_m = tile or _LINEAR_GELU_TILE
+    return (_cdiv(P, block_m) * (N // block_n),), dict(
+        N=N, K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        num_warps=num_warps, num_stages=num_stages)
 
 
 @direct_launch
@@ -793,9 +805,14 @@ def residual_scale_add(x: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor,
     """out = x + gamma * z over (P, C) contiguous rows, also written rounded to out_lp's
     dtype (the next block's conv input)."""
     P, C = x.shape
+    grid, meta = residual_launch(P, C)
+    _residual_kernel[grid](x, z, gamma, out, out_lp, P, C, **meta)
+
+
+def residual_launch(P: int, C: int) -> Tuple[Tuple[int], dict]:
+    """`_residual_kernel`'s grid and constexprs (with num_warps) for (P, C) rows."""
     block_p, block_c, num_warps = _row_tile(P, C)
-    _residual_kernel[(_cdiv(P, block_p),)](x, z, gamma, out, out_lp, P, C, BLOCK_P=block_p,
-                                           BLOCK_C=block_c, num_warps=num_warps)
+    return (_cdiv(P, block_p),), dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
 
 
 @direct_launch
@@ -1117,18 +1134,24 @@ def ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     normalising), statistics in fp32; returns (out, mean, rstd), the statistics None
     unless `store_stats`."""
     P, C = x.shape
-    block_p, block_c, num_warps = _row_tile(P, C)
     out = torch.empty((P, C), device=x.device, dtype=out_dtype)
     if store_stats:
         mean = torch.empty((P,), device=x.device, dtype=torch.float32)
         rstd = torch.empty((P,), device=x.device, dtype=torch.float32)
     else:
         mean = rstd = out
-    _ln_fwd_kernel[(_cdiv(P, block_p),)](x, x_bias if x_bias is not None else weight,
-                                         weight, bias, out, mean, rstd, P, C, eps,
-                                         HAS_X_BIAS=x_bias is not None, STORE_STATS=store_stats,
-                                         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    grid, meta = ln_fwd_launch(P, C, x_bias is not None, store_stats)
+    _ln_fwd_kernel[grid](x, x_bias if x_bias is not None else weight, weight, bias, out, mean,
+                         rstd, P, C, eps, **meta)
     return (out, mean, rstd) if store_stats else (out, None, None)
+
+
+def ln_fwd_launch(P: int, C: int, has_x_bias: bool, store_stats: bool
+                  ) -> Tuple[Tuple[int], dict]:
+    """`_ln_fwd_kernel`'s grid and constexprs (with num_warps) for (P, C) rows."""
+    block_p, block_c, num_warps = _row_tile(P, C)
+    return (_cdiv(P, block_p),), dict(HAS_X_BIAS=has_x_bias, STORE_STATS=store_stats,
+                                      BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
 
 
 @triton.jit
@@ -1184,13 +1207,8 @@ def cast_params(tensors, dtype: torch.dtype, row_scale: Optional[torch.Tensor] =
     out = list(tensors)
     if not todo:
         return out
-    # Each piece starts 16-byte aligned (vectorised loads and stores in every slot).
-    align = max(1, 16 // dtype.itemsize)
     sizes = [tensors[i].numel() for i in todo]
-    starts, total = [], 0
-    for n in sizes:
-        starts.append(total)
-        total += _cdiv(n, align) * align
+    starts, total = cast_layout(sizes, dtype)
     flat = torch.empty((total,), device=tensors[todo[0]].device, dtype=dtype)
     slots = []
     for i, start, n in zip(todo, starts, sizes):
@@ -1200,12 +1218,30 @@ def cast_params(tensors, dtype: torch.dtype, row_scale: Optional[torch.Tensor] =
     while len(slots) < 3 * _CAST_SLOTS:  # unused slots: nothing to copy
         slots += [flat, flat, 0]
     scaled = row_scale is not None
-    block = 2048
-    _cast_params_kernel[(_cdiv(max(sizes), block), _CAST_SLOTS)](
-        *slots, row_scale if scaled else flat, tensors[0].shape[-1] if scaled else 1,
-        SCALE0=scaled, REV_SLOT=len(todo) - 1 if reverse_last else -1,
-        REV_LEN=max(1, reverse_last), BLOCK=block, num_warps=4)
+    grid, meta = cast_launch(sizes, scaled, len(todo) - 1 if reverse_last else -1, reverse_last)
+    _cast_params_kernel[grid](*slots, row_scale if scaled else flat,
+                              tensors[0].shape[-1] if scaled else 1, **meta)
     return out
+
+
+def cast_layout(sizes, dtype: torch.dtype) -> Tuple[List[int], int]:
+    """(start of each piece, total elements) of `cast_params`' buffer: each piece starts
+    16-byte aligned (vectorised loads and stores in every slot)."""
+    align = max(1, 16 // dtype.itemsize)
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += _cdiv(n, align) * align
+    return starts, total
+
+
+def cast_launch(sizes, scaled: bool, reverse_slot: int, reverse_len: int
+                ) -> Tuple[Tuple[int, int], dict]:
+    """`_cast_params_kernel`'s grid and constexprs for pieces of `sizes` elements."""
+    block = 2048
+    return (_cdiv(max(sizes), block), _CAST_SLOTS), dict(
+        SCALE0=scaled, REV_SLOT=reverse_slot, REV_LEN=max(1, reverse_len), BLOCK=block,
+        num_warps=4)
 
 
 @direct_launch

@@ -20,13 +20,14 @@ them), and not under Triton's interpreter; otherwise, and with
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["direct_launch", "direct_launch_supported"]
+__all__ = ["direct_launch", "direct_launch_supported", "CompiledLaunch", "launch_hooks_set"]
 
 # The launch statement of `JITFunction.run` that `_DirectLaunch` reproduces (as in Triton
 # 3.6 and 3.8, the versions it was run with); whitespace is ignored when matching.
@@ -69,6 +70,7 @@ _RUNTIME_KNOBS: Any = None  # triton.knobs.runtime, looked up once (checked on e
 
 
 def _hooks_set() -> bool:
+    """Whether a Triton launch hook is set (profilers such as proton set them)."""
     global _RUNTIME_KNOBS
     if _RUNTIME_KNOBS is None:
         from triton import knobs
@@ -78,6 +80,12 @@ def _hooks_set() -> bool:
             or _hook_active(_RUNTIME_KNOBS.launch_exit_hook))
 
 
+def launch_hooks_set() -> bool:
+    """Whether a Triton launch hook is set: callers of `CompiledLaunch` then go through
+    Triton's own launches, which call the hooks."""
+    return _hooks_set()
+
+
 _I32 = (-2**31, 2**31)
 
 
@@ -85,6 +93,8 @@ def _spec(arg: Any) -> Any:
     """The part of Triton's specialisation of one runtime argument that picks the kernel."""
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, torch.dtype):  # an aligned tensor of it, as Triton's warmup takes it
+        return (arg, True)
     if isinstance(arg, bool):
         return bool
     if isinstance(arg, int):
@@ -92,6 +102,26 @@ def _spec(arg: Any) -> Any:
     if isinstance(arg, float):
         return float
     return (type(arg), arg)
+
+
+class CompiledLaunch:
+    """One compiled kernel with its grid and constexprs fixed, called as
+    ``launch(stream, *runtime_args)``: pointers may be passed as ints (device addresses),
+    which Triton's launcher takes as they are. For callers that have worked out a whole
+    launch once (`ops.forward_plan`); they check `launch_hooks_set` themselves."""
+
+    __slots__ = ("_run", "_grid", "_function", "_metadata", "_trailing")
+
+    def __init__(self, kernel: Any, grid: Tuple[int, ...], trailing: Tuple) -> None:
+        self._run = kernel.run  # first: reading `run` loads the kernel (sets `function`)
+        self._grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self._function, self._metadata = kernel.function, kernel.packed_metadata
+        self._trailing = trailing
+
+    def __call__(self, stream: int, *args: Any) -> None:
+        g0, g1, g2 = self._grid
+        self._run(g0, g1, g2, stream, self._function, self._metadata, None, None, None, *args,
+                  *self._trailing)
 
 
 class _DirectLaunch:
@@ -104,34 +134,68 @@ class _DirectLaunch:
         self._cache: Dict[Tuple, Tuple[Any, Tuple]] = {}
 
     def __getitem__(self, grid: Tuple[int, ...]) -> Callable[..., None]:
-        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+        return functools.partial(self.launch, grid)
 
-    def launch(self, grid: Tuple[int, ...], args: Tuple, kwargs: Dict[str, Any]) -> None:
-        if not direct_launch_supported() or _hooks_set():
+    def _key(self, args: Tuple, kwargs: Dict[str, Any]) -> Tuple:
+        # `map(_spec, args)` with the common cases inline (a Python call per argument is
+        # a measurable part of a launch's host time).
+        spec = tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                      else (int, a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63)
+                      if type(a) is int else _spec(a) for a in args])
+        return (torch._C._cuda_getDevice(), spec, tuple(kwargs.items()))
+
+    def _check_keywords(self, args: Tuple, kwargs: Dict[str, Any]) -> Optional[Tuple]:
+        """The constexprs' values in signature order (None if some are missing, e.g. left at
+        their defaults); refuses constexprs passed positionally."""
+        # The key holds runtime arguments by specialisation, not value: a constexpr among
+        # them would reuse a kernel compiled for another value.
+        positional = [name for k, name in enumerate(self.fn.arg_names[:len(args)])
+                      if k in getattr(self.fn, "constexprs", ())]
+        if positional:
+            raise TypeError(f"{getattr(self.fn, '__name__', self.fn)}: pass the "
+                            f"constexprs {positional} by keyword")
+        # The compiled kernel's launcher takes every parameter in signature order,
+        # constexprs included; ours come positionally, then by keyword.
+        names = self.fn.arg_names[len(args):]
+        return tuple(kwargs[name] for name in names) if all(n in kwargs for n in names) else None
+
+    def launch(self, grid: Tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        if not (_SUPPORTED or direct_launch_supported()) or _hooks_set():
             self.fn[grid](*args, **kwargs)
             return
-        device = torch.cuda.current_device()
-        key = (device, tuple(map(_spec, args)), tuple(kwargs.items()))
+        key = self._key(args, kwargs)
         entry = self._cache.get(key)
         if entry is None:
-            # The key holds runtime arguments by specialisation, not value: a constexpr among
-            # them would reuse a kernel compiled for another value.
-            positional = [name for k, name in enumerate(self.fn.arg_names[:len(args)])
-                          if k in getattr(self.fn, "constexprs", ())]
-            if positional:
-                raise TypeError(f"{getattr(self.fn, '__name__', self.fn)}: pass the "
-                                f"constexprs {positional} by keyword")
+            trailing = self._check_keywords(args, kwargs)
             kernel = self.fn[grid](*args, **kwargs)
-            # The compiled kernel's launcher takes every parameter in signature order,
-            # constexprs included; ours come positionally, then by keyword.
-            names = self.fn.arg_names[len(args):]
-            if kernel is not None and all(name in kwargs for name in names):
-                self._cache[key] = (kernel, tuple(kwargs[name] for name in names))
+            if kernel is not None and trailing is not None:
+                self._cache[key] = (kernel, trailing)
             return
         kernel, trailing = entry
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                   torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                   torch._C._cuda_getCurrentRawStream(key[0]), kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *trailing)
+
+    def compiled(self, grid: Tuple[int, ...], args: Tuple, kwargs: Dict[str, Any]
+                 ) -> Optional[CompiledLaunch]:
+        """The launch `self[grid](*args, **kwargs)` as a `CompiledLaunch` (compiling the
+        kernel for these arguments' specialisation, without running it, if needed), for
+        later calls with arguments of the same specialisation; None where direct launches
+        are off (see the module docstring). A tensor argument may be given as its dtype,
+        standing for an aligned tensor of it (one allocated per call, say)."""
+        if not direct_launch_supported():
+            return None
+        key = self._key(args, kwargs)
+        entry = self._cache.get(key)
+        if entry is None:
+            trailing = self._check_keywords(args, kwargs)
+            if trailing is None:
+                return None
+            kernel = self.fn.warmup(*args, grid=grid, **kwargs)
+            if kernel is None:
+                return None
+            entry = self._cache[key] = (kernel, trailing)
+        return CompiledLaunch(entry[0], grid, entry[1])
 
 
 def direct_launch(fn: Any) -> _DirectLaunch:

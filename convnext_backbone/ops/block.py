@@ -48,7 +48,7 @@ from torch.nn.modules import module as _module
 
 # Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
 from . import (_LOW_PRECISION_ATTR, attach_low_precision_copy, block_params, compute_dtype,
-               cuda_dwconv, in_block_sequence, needs_backward)
+               cuda_dwconv, forward_plan, in_block_sequence, needs_backward)
 
 __all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN",
            "CONV_CUDA"]
@@ -188,7 +188,8 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
     `keep_for_backward`, h, mean, rstd and xs are empty (an inference pass writes no
     4C-wide tensor at all). `x_lp`, when given, is x already in the compute dtype
     (channels_last); with `emit_lp`, `out_lp` is out in the compute dtype (else empty), for
-    the next block."""
+    the next block. (Eager inference takes the signature's forward plan, `forward_plan`,
+    where one applies: the same launches, worked out once.)"""
     from . import _kernels
 
     n, c, hh, ww = x.shape
@@ -258,6 +259,17 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
     if not keep_for_backward:
         h, mean, rstd = _nothing_saved(x, cdt)
     return out, y, h, mean, rstd, xs, out_lp
+
+
+def _planned_forward(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: float,
+                     cdt: torch.dtype, conv_impl: int, emit: bool
+                     ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """An inference forward's (out, out_lp or None) from the signature's
+    `forward_plan.ForwardPlan`, or None where no plan applies."""
+    if conv_impl != CONV_CUDA:
+        return None
+    plan = forward_plan.plan_for(x, x_lp, params, eps, cdt, emit)
+    return plan(x, x_lp, params) if plan is not None else None
 
 
 # The custom ops are what torch.compile sees (opaque nodes with fake implementations);
@@ -497,11 +509,15 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
                 and (not torch.is_inference_mode_enabled() or in_block_sequence()))
     # x_lp only here: the custom op (compile path) gets None, so none of its outputs (xs may
     # be x_lp) aliases an input.
-    args = (x, x_lp, *block_params(block), float(block.norm.eps), cdt, impl, keep, emit)
+    params = block_params(block)
+    eps = float(block.norm.eps)
     if keep:
-        out, out_lp = _BlockFunction.apply(*args)
+        out, out_lp = _BlockFunction.apply(x, x_lp, *params, eps, cdt, impl, keep, emit)
     else:  # nothing for autograd to record: skip the Function's per-call work
-        out, *_, out_lp = _block_fwd_impl(*args)
+        planned = _planned_forward(x, x_lp, params, eps, cdt, impl, emit)
+        if planned is None:
+            planned = _block_fwd_impl(x, x_lp, *params, eps, cdt, impl, keep, emit)
+        out, out_lp = planned[0], planned[-1]
     if emit:
         attach_low_precision_copy(out, out_lp)
     return out

@@ -44,7 +44,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "supports", "depthwise_conv7",
+__all__ = ["available", "unavailable_reason", "supports", "supports_input", "depthwise_conv7",
+           "conv_launch",
            "depthwise_conv7_weight_grad", "compile_source", "KernelUnavailable", "PIX"]
 
 _SOURCE_PATH = Path(__file__).with_name("dwconv7.cu")
@@ -210,11 +211,15 @@ def unavailable_reason() -> Optional[str]:
 def supports(x: Tensor) -> bool:
     """Whether `depthwise_conv7` takes this conv input: a half-precision channels_last CUDA
     tensor with channels in groups of 4, on a GPU of compute capability 8.0 or newer."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
-            and x.shape[1] % _VEC == 0 and x.numel() < 2**31
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and x.data_ptr() % 8 == 0 and _capability_of(x.device)[0] >= 8
-            and available())
+    return (x.is_cuda and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and x.data_ptr() % 8 == 0 and supports_input(x.device, x.dtype, x.shape[1], x.numel()))
+
+
+def supports_input(device: torch.device, dtype: torch.dtype, channels: int, numel: int) -> bool:
+    """`supports` for a CUDA channels_last input of this dtype, channels and size, 8-byte
+    aligned."""
+    return (dtype in (torch.bfloat16, torch.float16) and channels % _VEC == 0
+            and numel < 2**31 and _capability_of(device)[0] >= 8 and available())
 
 
 def _capability_of(device: torch.device) -> Tuple[int, int]:
@@ -296,34 +301,91 @@ def depthwise_conv7(x: Tensor, taps: Tensor, *, mirror: bool = False,
         residual_kind = 1 if residual.dtype == torch.float32 else 2
         if residual.data_ptr() % 16:
             residual = residual.clone(memory_format=torch.channels_last)
-    if _uses_tensor_cores(x, residual_kind):
-        key = (x.device.index, x.dtype, out_dtype, mirror, n, c, h, w, TENSOR_CORES)
-        if key not in _tc_plans:
-            _tc_plans[key] = _tc_plan(x.device, x.dtype == torch.bfloat16,
-                                      out_dtype == torch.float32, mirror, n, c, h, w,
-                                      force=TENSOR_CORES == "always")
-        plan = _tc_plans[key]
-        if plan is not None:
-            func, grid, threads, smem, ints = plan
-            out = x.new_empty((n, h, w, c), dtype=out_dtype).permute(0, 3, 1, 2)
-            _launch(func, grid, threads, smem, x.device, (x.data_ptr(), taps.data_ptr(),
-                                                          out.data_ptr()), ints)
-            return out
-    groups = c // _VEC
-    gpb = _groups_per_block(groups)
-    func = _function(x.device, "dwconv7_nhwc",
-                     _macros(x.dtype == torch.bfloat16, out_dtype == torch.float32,
-                             residual_kind, mirror, gpb, _copy16(gpb, x.data_ptr() % 16 == 0)),
-                     dynamic_smem=_tile_bytes(gpb, _MAX_TILE_ROWS))
-    tile_rows = _tile_rows(h, _max_tile_rows(x.device))
+    launch = conv_launch(x.device, x.dtype, out_dtype, n, c, h, w, x.data_ptr() % 16 == 0,
+                         mirror=mirror, residual_kind=residual_kind)
     out = x.new_empty((n, h, w, c), dtype=out_dtype).permute(0, 3, 1, 2)
-    strips = (w + PIX - 1) // PIX
-    _launch(func, (n * strips * (-(-h // tile_rows)), groups // gpb), gpb * tile_rows,
-            _tile_bytes(gpb, tile_rows), x.device,
-            (x.data_ptr(), taps.data_ptr(), residual.data_ptr() if residual is not None else 0,
-             out.data_ptr()),
-            (n, h, w, groups, strips, tile_rows))
+    launch.conv(torch._C._cuda_getCurrentRawStream(x.device.index), x.data_ptr(),
+                taps.data_ptr(), residual.data_ptr() if residual is not None else 0,
+                out.data_ptr())
     return out
+
+
+class _Launch:
+    """A built kernel's launch worked out for one shape: function, grid, threads, shared
+    memory and int parameters; called with the stream and the pointer parameters (the
+    kernels take the pointers first, then the ints). Eager steps are bound by the host's
+    time per launch, so the parameter buffers are made once per thread and refilled (once
+    per thread: ctypes lets other threads run during cuLaunchKernel)."""
+
+    __slots__ = ("func", "grid", "threads", "smem", "ints", "residual_slot", "_pointers",
+                 "_local")
+
+    def __init__(self, func: ctypes.c_void_p, grid: Tuple[int, int], threads: int, smem: int,
+                 pointers: int, ints: Tuple[int, ...], residual_slot: bool = False) -> None:
+        self.func, self.grid, self.threads, self.smem = func, grid, threads, smem
+        self.ints, self.residual_slot, self._pointers = ints, residual_slot, pointers
+        self._local = threading.local()
+
+    def _buffers(self):
+        c_pointers = (ctypes.c_uint64 * self._pointers)()
+        c_ints = (ctypes.c_int * len(self.ints))(*self.ints)
+        p0, i0 = ctypes.addressof(c_pointers), ctypes.addressof(c_ints)
+        # cuLaunchKernel takes the parameters' addresses.
+        params = (ctypes.c_void_p * (self._pointers + len(self.ints)))(
+            *(p0 + 8 * k for k in range(self._pointers)),
+            *(i0 + 4 * k for k in range(len(self.ints))))
+        buffers = self._local.buffers = (c_pointers, c_ints, params)
+        return buffers
+
+    def __call__(self, stream: int, *pointers: int) -> None:
+        buffers = getattr(self._local, "buffers", None) or self._buffers()
+        buffers[0][:] = pointers
+        code = _cuda.cuLaunchKernel(self.func, self.grid[0], self.grid[1], 1, self.threads, 1, 1,
+                                    self.smem, stream, buffers[2], None)
+        if code:
+            _check_cuda(_cuda, code, "cuLaunchKernel")
+
+    def conv(self, stream: int, x: int, taps: int, residual: int, out: int) -> None:
+        """A conv launch (the CUDA-core kernel has a residual slot, the tensor-core one not)."""
+        if self.residual_slot:
+            self(stream, x, taps, residual, out)
+        else:
+            self(stream, x, taps, out)
+
+
+_conv_launches: Dict[Tuple, _Launch] = {}
+
+
+def conv_launch(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype, n: int,
+                c: int, h: int, w: int, aligned16: bool, *, mirror: bool = False,
+                residual_kind: int = 0) -> _Launch:
+    """The launch of `depthwise_conv7` for an (n, c, h, w) input of `dtype` on `device` (an
+    indexed CUDA device), worked out once: the tensor-core kernel where it pays
+    (`TENSOR_CORES`), else the CUDA-core one. `aligned16`: the input is 16-byte aligned;
+    `residual_kind`: 0 none, 1 fp32, 2 the input's dtype. Raises `KernelUnavailable` where
+    the kernel cannot be built."""
+    key = (device.index, dtype, out_dtype, n, c, h, w, aligned16, mirror, residual_kind,
+           TENSOR_CORES)
+    launch = _conv_launches.get(key)
+    if launch is not None:
+        return launch
+    if _uses_tensor_cores(c, aligned16, device, residual_kind):
+        launch = _tc_plan(device, dtype == torch.bfloat16, out_dtype == torch.float32, mirror,
+                          n, c, h, w, force=TENSOR_CORES == "always")
+    if launch is None:
+        groups = c // _VEC
+        gpb = _groups_per_block(groups)
+        func = _function(device, "dwconv7_nhwc",
+                         _macros(dtype == torch.bfloat16, out_dtype == torch.float32,
+                                 residual_kind, mirror, gpb, _copy16(gpb, aligned16)),
+                         dynamic_smem=_tile_bytes(gpb, _MAX_TILE_ROWS))
+        tile_rows = _tile_rows(h, _max_tile_rows(device))
+        strips = (w + PIX - 1) // PIX
+        launch = _Launch(func, (n * strips * (-(-h // tile_rows)), groups // gpb),
+                         gpb * tile_rows, _tile_bytes(gpb, tile_rows), 4,
+                         (n, h, w, groups, strips, tile_rows), residual_slot=True)
+    _conv_launches[key] = launch
+    return launch
 
 
 # The tensor-core conv (dwconv7.cu, TENSOR_CORES): tiles of _TC_TILE x _TC_TILE output
@@ -343,18 +405,17 @@ _TC_TILE = 16
 _TC_MAX_WARPS = 4
 _TC_MIN_SIDE = 12
 _TC_MIN_WAVES = 2.5
-_tc_plans: Dict[Tuple, Optional[Tuple]] = {}
 
 
-def _uses_tensor_cores(x: Tensor, residual_kind: int = 0) -> bool:
+def _uses_tensor_cores(c: int, aligned16: bool, device: torch.device,
+                       residual_kind: int = 0) -> bool:
     if TENSOR_CORES not in ("auto", "always", "never"):
         raise ValueError("cuda_dwconv.TENSOR_CORES must be 'auto', 'always' or 'never', got "
                          f"{TENSOR_CORES!r}")
     if TENSOR_CORES == "never" or residual_kind:
         return False
     # mma.m16n8k16 in bf16/fp16 needs sm_80; a warp's 8 channels are one 16-byte load.
-    return (x.shape[1] % 8 == 0 and x.data_ptr() % 16 == 0
-            and _capability_of(x.device)[0] >= 8)
+    return c % 8 == 0 and aligned16 and _capability_of(device)[0] >= 8
 
 
 def _tc_smem_bytes(warps: int) -> int:
@@ -370,12 +431,11 @@ def _tc_pays(h: int, w: int, block_tiles: int, slots: int) -> bool:
 
 
 def _tc_plan(device: torch.device, elem_bf16: bool, out_fp32: bool, mirror: bool, n: int,
-             c: int, h: int, w: int, force: bool = False
-             ) -> Optional[Tuple[ctypes.c_void_p, Tuple[int, int], int, int, Tuple[int, ...]]]:
-    """(kernel, grid, threads, shared memory, int parameters) of a tensor-core conv launch,
-    worked out once per shape, or None where the shape is one the CUDA-core kernel runs
-    faster (unless `force`): as many blocks as are resident at once (each walks tiles with
-    a grid stride, building its tap table once), split over the channel blocks."""
+             c: int, h: int, w: int, force: bool = False) -> Optional[_Launch]:
+    """The tensor-core conv's launch for one shape, or None where the shape is one the
+    CUDA-core kernel runs faster (unless `force`): as many blocks as are resident at once
+    (each walks tiles with a grid stride, building its tap table once), split over the
+    channel blocks."""
     chunks = c // 8
     warps = max(d for d in range(1, _TC_MAX_WARPS + 1) if chunks % d == 0)
     smem = _tc_smem_bytes(warps)
@@ -390,24 +450,8 @@ def _tc_plan(device: torch.device, elem_bf16: bool, out_fp32: bool, mirror: bool
     macros = dict(_macros(elem_bf16, out_fp32, 0, mirror, 2 * warps), TENSOR_CORES=1)
     func = _function(device, "dwconv7_nhwc_tc", macros, dynamic_smem=smem)
     grid_x = min(tiles, max(1, slots // channel_blocks))
-    return func, (grid_x, channel_blocks), 32 * warps, smem, (n, h, w, chunks, row_tiles,
-                                                             col_tiles)
-
-
-def _launch(func: ctypes.c_void_p, grid: Tuple[int, int], threads: int, smem: int,
-            device: torch.device, pointers: Tuple[int, ...], ints: Tuple[int, ...]) -> None:
-    """Launches `func` on the current stream with its parameters: the pointers, then the
-    ints (the kernels' signatures all have this order)."""
-    c_pointers = (ctypes.c_uint64 * len(pointers))(*pointers)
-    c_ints = (ctypes.c_int * len(ints))(*ints)
-    p0, i0 = ctypes.addressof(c_pointers), ctypes.addressof(c_ints)
-    # cuLaunchKernel takes the parameters' addresses.
-    params = (ctypes.c_void_p * (len(pointers) + len(ints)))(
-        *(p0 + 8 * k for k in range(len(pointers))), *(i0 + 4 * k for k in range(len(ints))))
-    code = _cuda.cuLaunchKernel(func, grid[0], grid[1], 1, threads, 1, 1, smem,
-                                torch._C._cuda_getCurrentRawStream(device.index), params, None)
-    if code:
-        _check_cuda(_cuda, code, "cuLaunchKernel")
+    return _Launch(func, (grid_x, channel_blocks), 32 * warps, smem, 3,
+                   (n, h, w, chunks, row_tiles, col_tiles))
 
 
 # The weight-gradient kernel's tiles (dwconv7.cu, WGRAD): TILE_W output columns (a macro:
@@ -453,14 +497,13 @@ def _smem_per_sm(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
 
 
-_wgrad_plans: Dict[Tuple, Tuple] = {}  # (device, dtype, shape) -> _wgrad_plan's answer
+_wgrad_plans: Dict[Tuple, _Launch] = {}  # (device, dtype, shape) -> _wgrad_plan's answer
 
 
 def _wgrad_plan(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int, w: int,
-                aligned16: bool
-                ) -> Tuple[ctypes.c_void_p, Tuple[int, int], int, int, Tuple[int, ...]]:
-    """(kernel, grid, threads, shared memory, int parameters) of a weight-gradient launch:
-    worked out once per shape (eager steps are bound by the host's time per launch)."""
+                aligned16: bool) -> _Launch:
+    """A weight-gradient launch, worked out once per shape (eager steps are bound by the
+    host's time per launch)."""
     groups = c // _VEC
     gpb = max(d for d in (_WG_GROUPS, 2, 1) if groups % d == 0)
     tile_w = _wgrad_tile_width(w)
@@ -476,9 +519,9 @@ def _wgrad_plan(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int
                      _wgrad_macros(dtype == torch.bfloat16, gpb, tile_w,
                                    _copy16(gpb, aligned16)),
                      dynamic_smem=_wgrad_smem_bytes(gpb, tile_w, _WG_MAX_ROWS))
-    return (func, (chunks, channel_blocks), gpb * 7 * tile_rows,
-            _wgrad_smem_bytes(gpb, tile_w, tile_rows),
-            (n, h, w, groups, strips, tile_rows, tiles_per_chunk))
+    return _Launch(func, (chunks, channel_blocks), gpb * 7 * tile_rows,
+                   _wgrad_smem_bytes(gpb, tile_w, tile_rows), 3,
+                   (n, h, w, groups, strips, tile_rows, tiles_per_chunk))
 
 
 def depthwise_conv7_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
@@ -502,9 +545,8 @@ def depthwise_conv7_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     plan = _wgrad_plans.get(key)
     if plan is None:
         plan = _wgrad_plans[key] = _wgrad_plan(x.device, x.dtype, n, c, h, w, aligned16)
-    func, grid, threads, smem, ints = plan
-    chunks = grid[0]
+    chunks = plan.grid[0]
     partial = x.new_empty((chunks, c, 49), dtype=torch.float32)
-    _launch(func, grid, threads, smem, x.device, (x.data_ptr(), dy.data_ptr(), partial.data_ptr()),
-            ints)
+    plan(torch._C._cuda_getCurrentRawStream(x.device.index), x.data_ptr(), dy.data_ptr(),
+         partial.data_ptr())
     return (partial.sum(0) if chunks > 1 else partial[0]).view(c, 1, 7, 7)

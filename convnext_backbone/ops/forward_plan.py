@@ -1,0 +1,228 @@
+"""A fused block's inference forward with the host's work cut to its launches.
+
+Eager steps are bound by the host issuing kernels. ConvNeXt-T's block forward is 3 to 6
+launches, but working them out on every call (tile sizes, Triton's specialisation, the
+weight-cast layout, views, checks) cost the host 5.9 and 9.6 ms per 128x224^2 inference
+forward on two lent H100 machines, most of it in the 18 blocks, where the forward's
+kernels take 5.8 ms. A `ForwardPlan` works a block's launches out once per signature
+(input shape and dtype, parameter dtypes, compute dtype, whether the output feeds the
+next block, device) and keeps the compiled kernels with their grids and constexprs; each
+call then only allocates and launches, passing device addresses. Blocks of one stage
+share a plan (the parameters are arguments). Plans serve blocks that autograd will not
+ask for gradients (inference, frozen stages); training blocks run the general code.
+
+The launches are those of `ops.block._block_fwd_impl` without `keep_for_backward`: the
+same kernels on the same arguments, so the same results bit for bit (the conv taps are
+not cast along with the weights here: the CUDA conv kernel reads the fp32 taps, the cast
+copy is only cuDNN's).
+Plans cover the default configuration: the CUDA conv kernel, half-precision compute, fp32
+conv taps, Triton's direct launches available and no launch hooks. Elsewhere, and for
+arguments a plan was not made for (misaligned or non-contiguous memory, another current
+device), `plan_for` or the plan answers None and the caller runs `_block_fwd_impl`'s
+general code.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _kernels, _launch, cuda_dwconv
+
+__all__ = ["ForwardPlan", "plan_for"]
+
+# Parameter order (ops.block_params): dwconv weight and bias, LayerNorm weight and bias,
+# pwconv1 weight and bias, pwconv2 weight and bias, layer scale.
+_DW, _W1, _B1, _W2, _B2, _GAMMA = 0, 4, 5, 6, 7, 8
+_HALF = (torch.bfloat16, torch.float16)
+_MAX_PLANS = 64  # signatures kept (a model's stages at a few input sizes)
+_plans: Dict[Tuple, Optional["ForwardPlan"]] = {}
+
+
+def _dense_and_aligned(tensors) -> bool:
+    """All contiguous and 16-byte aligned (the alignment the kernels were compiled for)."""
+    ptrs = 0
+    for t in tensors:
+        if not t.is_contiguous():
+            return False
+        ptrs |= t.data_ptr()
+    return ptrs % 16 == 0
+
+
+class ForwardPlan:
+    """One signature's block inference forward (see the module docstring): built from a
+    first call's arguments, called with (x, x_lp, params)."""
+
+    def __init__(self, x: Tensor, params: Tuple[Tensor, ...], eps: float, cdt: torch.dtype,
+                 emit: bool) -> None:
+        n, c, h, w = x.shape
+        p = n * h * w
+        self.shape, self.strides = (n, c, h, w), (h * w * c, 1, w * c, c)  # channels_last
+        self.p, self.c, self.eps, self.cdt, self.emit = p, c, eps, cdt, emit
+        self.device = x.device
+        gamma = params[_GAMMA]
+        self.out_dtype = torch.promote_types(torch.promote_types(x.dtype, gamma.dtype), cdt)
+        self.fused = _kernels.ln_mlp_supported(c, cdt)
+        out, lp = self.out_dtype, cdt
+        launches = []
+        # The weights read in cdt, cast by one launch: w1, w2 for the fused kernel (which
+        # reads the vectors as they are); w1, b1, w2, b2 for cuBLAS.
+        wanted = (_W1, _W2) if self.fused else (_W1, _B1, _W2, _B2)
+        cast_ids = [i for i in wanted if params[i].dtype != cdt]
+        self.cast_slots: Tuple[Tuple[int, int, int], ...] = ()
+        self.cast_total = 0
+        if cast_ids:
+            sizes = [params[i].numel() for i in cast_ids]
+            starts, self.cast_total = _kernels.cast_layout(sizes, cdt)
+            self.cast_slots = tuple((i, start * cdt.itemsize, size)
+                                    for i, start, size in zip(cast_ids, starts, sizes))
+            grid, meta = _kernels.cast_launch(sizes, False, -1, 0)
+            slots = [a for i, _, size in self.cast_slots for a in (params[i], cdt, size)]
+            slots += [cdt, cdt, 0] * (_kernels._CAST_SLOTS - len(cast_ids))
+            self.cast = _kernels._cast_params_kernel.compiled(grid, (*slots, cdt, 1), meta)
+            launches.append(self.cast)
+        self.conv = cuda_dwconv.conv_launch(x.device, cdt, cdt, n, c, h, w, True)
+        dw_bias, ln_weight, ln_bias = params[1:4]
+        if self.fused:
+            grid, meta = _kernels.ln_mlp_launch(p, c, False, emit)
+            # h, mean, rstd (not stored) are given y's address.
+            self.mlp = _kernels._ln_mlp_kernel.compiled(
+                grid, (cdt, dw_bias, x, ln_weight, ln_bias, cdt, params[_B1], cdt,
+                       params[_B2], gamma, out, lp if emit else out, cdt, cdt, cdt, p, eps),
+                meta)
+            launches.append(self.mlp)
+        else:
+            grid, meta = _kernels.ln_fwd_launch(p, c, True, False)
+            # mean, rstd (not stored) are given xn's address.
+            self.ln = _kernels._ln_fwd_kernel.compiled(
+                grid, (cdt, dw_bias, ln_weight, ln_bias, cdt, cdt, cdt, p, c, eps), meta)
+            launches.append(self.ln)
+            self.linear_gelu = None
+            if _kernels.linear_gelu_supported(x.new_empty((0, c), dtype=cdt),
+                                              x.new_empty((4 * c, c), dtype=cdt)):
+                grid, meta = _kernels.linear_gelu_launch(p, 4 * c, c)
+                self.linear_gelu = _kernels._linear_gelu_kernel.compiled(
+                    grid, (cdt, cdt, cdt, cdt, p), meta)
+                launches.append(self.linear_gelu)
+            if emit:
+                grid, meta = _kernels.residual_launch(p, c)
+                self.residual = _kernels._residual_kernel.compiled(
+                    grid, (x, cdt, gamma, out, lp, p, c), meta)
+                launches.append(self.residual)
+        # A launch that could not be compiled for direct calls: no plan.
+        self.complete = all(launch is not None for launch in launches)
+
+    def _in_compute_dtype(self, flat: Optional[Tensor], params: Tuple[Tensor, ...], index: int,
+                          shape: Tuple[int, ...], strides: Tuple[int, ...]) -> Tensor:
+        """Parameter `index` in cdt as the view (shape, strides): of the cast buffer, or of
+        the parameter itself where it is in cdt already."""
+        for i, offset, _ in self.cast_slots:
+            if i == index:
+                return flat.as_strided(shape, strides, offset // self.cdt.itemsize)
+        return params[index].as_strided(shape, strides)
+
+    def __call__(self, x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...]
+                 ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        """(out, out_lp: out in cdt, or None without `emit`), as `_block_fwd_impl` returns
+        them; None where the arguments do not fit the plan."""
+        device, cdt, p, c = self.device, self.cdt, self.p, self.c
+        if (torch._C._cuda_getDevice() != device.index or not _dense_and_aligned(params)
+                or x.data_ptr() % 16 or not x.is_contiguous(memory_format=torch.channels_last)
+                or _launch.launch_hooks_set()):
+            return None
+        # cuBLAS runs under the caller's autocast: it must cast nothing (as when it is off).
+        if (not self.fused and torch.is_autocast_enabled(device.type)
+                and torch.get_autocast_dtype(device.type) != cdt):
+            return None
+        if x_lp is not None:
+            xc = x_lp
+            if not xc.is_contiguous(memory_format=torch.channels_last):
+                return None
+        else:
+            xc = x if x.dtype == cdt else x.to(cdt, memory_format=torch.channels_last)
+        if xc.data_ptr() % 16:
+            return None
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        ptr = [t.data_ptr() for t in params]
+        flat = None
+        if self.cast_slots:
+            flat = torch.empty((self.cast_total,), device=device, dtype=cdt)
+            base = flat.data_ptr()
+            args = []
+            for i, offset, size in self.cast_slots:
+                args += (ptr[i], base + offset, size)
+                ptr[i] = base + offset
+            args += (base, base, 0) * (_kernels._CAST_SLOTS - len(self.cast_slots))
+            self.cast(stream, *args, base, 1)
+        y = torch.empty((p, c), device=device, dtype=cdt)
+        yp = y.data_ptr()
+        self.conv.conv(stream, xc.data_ptr(), ptr[_DW], 0, yp)
+        out = torch.empty_strided(self.shape, self.strides, device=device, dtype=self.out_dtype)
+        out_lp = (torch.empty_strided(self.shape, self.strides, device=device, dtype=cdt)
+                  if self.emit else None)
+        if self.fused:
+            self.mlp(stream, yp, ptr[1], x.data_ptr(), ptr[2], ptr[3], ptr[_W1], ptr[_B1],
+                     ptr[_W2], ptr[_B2], ptr[_GAMMA], out.data_ptr(),
+                     (out_lp if self.emit else out).data_ptr(), yp, yp, yp, p, self.eps)
+            return out, out_lp
+        xn = torch.empty((p, c), device=device, dtype=cdt)
+        xnp = xn.data_ptr()
+        self.ln(stream, yp, ptr[1], ptr[2], ptr[3], xnp, xnp, xnp, p, c, self.eps)
+        del y
+        if self.linear_gelu is not None:
+            g = torch.empty((p, 4 * c), device=device, dtype=cdt)
+            self.linear_gelu(stream, xnp, ptr[_W1], ptr[_B1], g.data_ptr(), p)
+        else:  # cuBLAS, then aten's GELU; every operand in cdt: autocast casts nothing
+            g = F.gelu(torch.addmm(self._in_compute_dtype(flat, params, _B1, (4 * c,), (1,)),
+                                   xn, self._in_compute_dtype(flat, params, _W1, (c, 4 * c),
+                                                              (1, c))))
+        del xn
+        z = torch.addmm(self._in_compute_dtype(flat, params, _B2, (c,), (1,)), g,
+                        self._in_compute_dtype(flat, params, _W2, (4 * c, c), (1, 4 * c)))
+        del g
+        if self.emit:
+            self.residual(stream, x.data_ptr(), z.data_ptr(), ptr[_GAMMA], out.data_ptr(),
+                          out_lp.data_ptr(), p, c)
+        else:
+            with torch.autocast(device.type, enabled=False):  # in x's and gamma's dtypes
+                torch.addcmul(x.permute(0, 2, 3, 1).reshape(p, c), z, params[_GAMMA],
+                              out=out.permute(0, 2, 3, 1).view(p, c))
+        return out, out_lp
+
+
+def plan_for(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: float,
+             cdt: torch.dtype, emit: bool) -> Optional[ForwardPlan]:
+    """The inference plan for this call's signature (made on first use), or None where none
+    applies (then the general code runs). `x`: the channels_last block input; `x_lp`: x in
+    cdt, or None; `params`: `ops.block_params`' order; `emit`: also write the output in
+    cdt."""
+    key = (x.shape, x.dtype, x.device, cdt, emit, x_lp is not None, eps,
+           tuple(t.dtype for t in params))
+    plan = _plans.get(key, False)
+    if plan is False:
+        plan = _build(x, x_lp, params, eps, cdt, emit)
+        if len(_plans) >= _MAX_PLANS:
+            _plans.pop(next(iter(_plans)))
+        _plans[key] = plan
+    return plan
+
+
+def _build(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: float,
+           cdt: torch.dtype, emit: bool) -> Optional[ForwardPlan]:
+    if (cdt not in _HALF or x.dtype not in (torch.float32, cdt) or not x.is_cuda
+            or x.get_device() != torch.cuda.current_device()
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or not _launch.direct_launch_supported()
+            or any(not t.is_cuda or not t.is_floating_point() for t in params)
+            or params[_DW].dtype != torch.float32 or not _dense_and_aligned(params)
+            or x.data_ptr() % 16):
+        return None
+    if not cuda_dwconv.supports_input(x.device, cdt, x.shape[1], x.numel()):
+        return None
+    try:
+        plan = ForwardPlan(x, params, eps, cdt, emit)
+    except cuda_dwconv.KernelUnavailable:
+        return None
+    return plan if plan.complete else None

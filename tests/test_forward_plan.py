@@ -1,0 +1,220 @@
+"""The block forward plans (`convnext_backbone.ops.forward_plan`) and the launch objects
+they call.
+
+CPU (CI): a compiled Triton launch and a CUDA-kernel launch pass exactly the parameters
+they are given (the driver and Triton's launcher mocked), per thread; plans are refused
+where they do not apply. GPU (`pytest -m gpu` on the device): a plan's outputs are bit for
+bit the general code's, for every kind of block and dtype setting, the whole model's eager
+inference too, and arguments a plan was not made for fall back.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import pytest
+import torch
+
+from convnext_backbone import ConvNextBackbone, ConvNextConfig, ops
+from convnext_backbone.ops import _launch, cuda_dwconv
+
+gpu = pytest.mark.gpu
+
+
+def test_compiled_launch_passes_grid_stream_arguments_and_constexprs(monkeypatch):
+    calls = []
+
+    class Kernel:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *args):
+            calls.append(args)
+
+    class Jit:
+        arg_names = ["x_ptr", "n", "BLOCK"]
+        constexprs = [2]
+
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("warmup", grid, args, kwargs))
+            return Kernel()
+
+    monkeypatch.setattr(_launch, "_SUPPORTED", True)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    k = _launch.direct_launch(Jit())
+    launch = k.compiled((3, 2), (torch.bfloat16, 64), {"BLOCK": 128, "num_warps": 4})
+    assert calls == [("warmup", (3, 2), (torch.bfloat16, 64), {"BLOCK": 128, "num_warps": 4})]
+    launch(7, 0x1000, 64)  # a pointer as an int
+    assert calls[1] == (3, 2, 1, 7, "fn", "meta", None, None, None, 0x1000, 64, 128)
+    # The same specialisation (an aligned bf16 tensor, a size divisible by 16): no warmup.
+    k.compiled((5,), (torch.zeros(8, dtype=torch.bfloat16), 32), {"BLOCK": 128, "num_warps": 4})(
+        9, 0x2000, 32)
+    assert len(calls) == 3 and calls[2][:4] == (5, 1, 1, 9)
+    # A constexpr missing from the keywords: no compiled launch (the caller goes the long way).
+    assert k.compiled((5,), (torch.bfloat16, 32), {"num_warps": 4}) is None
+    monkeypatch.setattr(_launch, "_SUPPORTED", False)
+    assert k.compiled((5,), (torch.bfloat16, 32), {"BLOCK": 128, "num_warps": 4}) is None
+
+
+def test_cuda_launch_passes_its_parameters_per_thread(monkeypatch):
+    """`cuda_dwconv._Launch` hands cuLaunchKernel the addresses of the pointers it is
+    called with, then of its ints, and each thread fills its own buffers."""
+    seen, counts = [], [3, 2]  # pointers and ints of the launch being decoded
+
+    class Driver:
+        @staticmethod
+        def cuLaunchKernel(func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            addresses = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+            n_ptr, n_int = counts
+            pointers = [ctypes.c_uint64.from_address(addresses[k]).value for k in range(n_ptr)]
+            ints = [ctypes.c_int.from_address(addresses[n_ptr + k]).value
+                    for k in range(n_int)]
+            seen.append((func, gx, gy, bx, smem, stream, pointers, ints,
+                         threading.get_ident()))
+            return 0
+
+    monkeypatch.setattr(cuda_dwconv, "_cuda", Driver)
+    launch = cuda_dwconv._Launch("f", (6, 2), 128, 4096, 3, (56, 7))
+    launch(11, 0x10, 0x20, 0x30)
+    launch(12, 0x40, 0x50, 0x60)
+    assert [s[:8] for s in seen] == [("f", 6, 2, 128, 4096, 11, [0x10, 0x20, 0x30], [56, 7]),
+                                     ("f", 6, 2, 128, 4096, 12, [0x40, 0x50, 0x60], [56, 7])]
+    other = threading.Thread(target=launch, args=(13, 0x70, 0x80, 0x90))
+    other.start()
+    other.join()
+    assert seen[2][6] == [0x70, 0x80, 0x90] and seen[2][8] != seen[0][8]
+    # The calling thread's buffers were not touched by the other thread.
+    assert list(launch._local.buffers[0]) == [0x40, 0x50, 0x60]
+    # A conv launch of the CUDA-core kernel has a residual slot; the tensor-core one not.
+    seen.clear()
+    counts[:] = [4, 2]
+    cuda_dwconv._Launch("g", (1, 1), 32, 0, 4, (5, 6), residual_slot=True).conv(0, 1, 2, 3, 4)
+    counts[:] = [3, 2]
+    cuda_dwconv._Launch("h", (1, 1), 32, 0, 3, (5, 6)).conv(0, 1, 2, 3, 4)
+    assert [(s[0], s[6], s[7]) for s in seen] == [("g", [1, 2, 3, 4], [5, 6]),
+                                                  ("h", [1, 2, 4], [5, 6])]
+
+
+def test_no_plan_for_cpu_tensors_or_full_precision():
+    from convnext_backbone.ops import forward_plan
+
+    block = torch.nn.Linear(4, 4)  # any parameters: the dtype checks come first
+    x = torch.zeros(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    params = (torch.zeros(16, 1, 7, 7),) + tuple(block.parameters()) * 4
+    assert forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, False) is None
+    assert forward_plan.plan_for(x, None, params, 1e-6, torch.float32, False) is None
+
+
+def _block_args(c: int, x_dtype, param_dtype, cdt, with_lp: bool, n=2, hw=(20, 18)):
+    torch.manual_seed(c)
+    h, w = hw
+    dev = "cuda"
+    params = (torch.randn(c, 1, 7, 7, device=dev) * 0.2, torch.randn(c, device=dev) * 0.1,
+              1 + torch.randn(c, device=dev) * 0.1, torch.randn(c, device=dev) * 0.1,
+              torch.randn(4 * c, c, device=dev) * c ** -0.5, torch.randn(4 * c, device=dev) * 0.1,
+              torch.randn(c, 4 * c, device=dev) * (4 * c) ** -0.5, torch.randn(c, device=dev) * 0.1,
+              0.5 + torch.rand(c, device=dev))
+    params = (params[0],) + tuple(p.to(param_dtype) for p in params[1:])
+    x = torch.randn(n, c, h, w, device=dev).to(x_dtype).contiguous(
+        memory_format=torch.channels_last)
+    x_lp = x.to(cdt) if with_lp and x.dtype != cdt else None
+    return x, x_lp, params
+
+
+# (x dtype, parameter dtype, compute dtype, autocast): autocast over an fp32 model, a model
+# in bf16 without autocast, fp16 autocast.
+SETTINGS = [(torch.float32, torch.float32, torch.bfloat16, True),
+            (torch.bfloat16, torch.bfloat16, torch.bfloat16, False),
+            (torch.float32, torch.float32, torch.float16, True)]
+
+
+@gpu
+@pytest.mark.parametrize("c", [96, 192, 384, 768])
+@pytest.mark.parametrize("emit", [True, False], ids=["feeds-block", "last"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=["bf16-autocast", "bf16-model", "fp16-autocast"])
+def test_gpu_plan_matches_the_general_code(c, emit, setting):
+    """Same kernels on the same arguments: out and out_lp equal bit for bit (fused kernel
+    up to C=256; LayerNorm, linear-GELU or cuBLAS + GELU, cuBLAS and the residual above)."""
+    from convnext_backbone.ops import block as fused_block
+    from convnext_backbone.ops import forward_plan
+
+    x_dtype, param_dtype, cdt, autocast = setting
+    emit = emit and x_dtype != cdt  # a compute-dtype copy only of a wider residual stream
+    x, x_lp, params = _block_args(c, x_dtype, param_dtype, cdt, with_lp=emit)
+    args = (x, x_lp, *params, 1e-6, cdt, fused_block.CONV_CUDA, False, emit)
+    with torch.inference_mode(), torch.autocast("cuda", cdt, enabled=autocast):
+        plan = forward_plan.plan_for(x, x_lp, params, 1e-6, cdt, emit)
+        assert plan is not None and plan.fused == (c <= 256)
+        got = plan(x, x_lp, params)
+        want = fused_block._block_fwd_impl(*args)  # the general code
+    assert got is not None
+    out, out_lp = got
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for name, a, k in (("out", out, 0), ("out_lp", out_lp, 6)):
+        if a is None:
+            assert not emit and want[k].numel() == 0
+            continue
+        assert a.dtype == want[k].dtype and torch.equal(a, want[k]), name
+
+
+@gpu
+def test_gpu_plan_refuses_arguments_it_was_not_made_for(monkeypatch):
+    from convnext_backbone.ops import forward_plan
+
+    x, _, params = _block_args(96, torch.float32, torch.float32, torch.bfloat16, False)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        plan = forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, False)
+        assert plan(x, None, params) is not None
+        # x 2 bytes off 16-byte alignment (still channels_last contiguous).
+        buf = torch.empty(x.numel() + 1, device="cuda")
+        shifted = buf[1:].view(2, 20, 18, 96).permute(0, 3, 1, 2)
+        shifted.copy_(x)
+        assert plan(shifted, None, params) is None
+        assert forward_plan.plan_for(shifted, None, params, 1e-6, torch.bfloat16, False) is plan
+        # Not channels_last.
+        assert plan(x.contiguous(), None, params) is None
+        # A parameter that is not contiguous.
+        w1 = params[4].t().contiguous().t()
+        assert plan(x, None, params[:4] + (w1,) + params[5:]) is None
+        # A launch hook (e.g. a profiler's): Triton's own launches, which call it.
+        monkeypatch.setattr(_launch, "_hooks_set", lambda: True)
+        assert plan(x, None, params) is None
+
+
+def _tiny_t(device):
+    torch.manual_seed(0)
+    cfg = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[2, 2, 3, 2],
+                         out_features=["stage1", "stage2", "stage3", "stage4"],
+                         layer_scale_init_value=0.5)
+    m = ConvNextBackbone(cfg).to(device).eval().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1 and "gamma" not in name:
+                p.normal_(0.0, 0.1)
+    return m
+
+
+@gpu
+def test_gpu_model_inference_with_plans_equals_without(monkeypatch):
+    """The whole backbone's eager bf16 inference: plans on, plans off (every block through
+    the general code), the same features bit for bit; plans were really used."""
+    from convnext_backbone.ops import forward_plan
+
+    m = _tiny_t("cuda")
+    x = torch.randn(2, 3, 160, 192, device="cuda").contiguous(memory_format=torch.channels_last)
+    used = []
+    real_call = forward_plan.ForwardPlan.__call__
+
+    def counting(self, *args):
+        result = real_call(self, *args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(forward_plan.ForwardPlan, "__call__", counting)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        with_plans = m(pixel_values=x).feature_maps
+    assert len(used) == 9 and all(used)
+    monkeypatch.setattr(forward_plan, "plan_for", lambda *args: None)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        without = m(pixel_values=x).feature_maps
+    for a, b in zip(with_plans, without):
+        assert torch.equal(a, b)
