@@ -10,6 +10,7 @@ inference too, and arguments a plan was not made for fall back.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import threading
 
 import pytest
@@ -102,6 +103,22 @@ def test_no_plan_for_cpu_tensors_or_full_precision():
     params = (torch.zeros(16, 1, 7, 7),) + tuple(block.parameters()) * 4
     assert forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, False) is None
     assert forward_plan.plan_for(x, None, params, 1e-6, torch.float32, False) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_linear_gelu_rule_by_shape(monkeypatch):
+    """The plans ask whether pwconv1 + GELU is one Triton kernel from sizes alone: half
+    precision on Hopper, K in 64s and N in 256s (ConvNeXt's widths from 384 on)."""
+    from convnext_backbone.ops import _kernels
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(_kernels, "_capability_of", lambda device: (9, 0))
+    assert _kernels.linear_gelu_shape_supported(dev, torch.bfloat16, 384, 1536)
+    assert _kernels.linear_gelu_shape_supported(dev, torch.float16, 768, 3072)
+    assert not _kernels.linear_gelu_shape_supported(dev, torch.bfloat16, 96, 384)
+    assert not _kernels.linear_gelu_shape_supported(dev, torch.float32, 384, 1536)
+    monkeypatch.setattr(_kernels, "_capability_of", lambda device: (8, 0))
+    assert not _kernels.linear_gelu_shape_supported(dev, torch.bfloat16, 384, 1536)
 
 
 def _block_args(c: int, x_dtype, param_dtype, cdt, with_lp: bool, n=2, hw=(20, 18)):

@@ -198,19 +198,27 @@ _PLAIN_LAYER_TYPES = {"dwconv": nn.Conv2d, "norm": nn.LayerNorm, "pwconv1": nn.L
                       "pwconv2": nn.Linear}
 
 
+def _global_hooks() -> bool:
+    """Whether global module hooks are registered."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether `m` has module hooks of its own."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
 def _no_hooks(*modules: nn.Module) -> bool:
     """No module hooks on `modules`, and no global module hooks."""
-    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                       or m._backward_pre_hooks for m in modules))
+    return not (_global_hooks() or any(_hooked(m) for m in modules))
 
 
 def submodules_plain(block: nn.Module, names) -> bool:
     """Whether `block`'s submodules `names` are plain layers without hooks (and no global
     module hooks are registered)."""
-    if (_module._global_forward_hooks or _module._global_forward_pre_hooks
-            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+    if _global_hooks():
         return False
     # Called for every block of every forward: the registry itself rather than getattr
     # (Module.__getattr__ is Python), one pass.
@@ -219,8 +227,7 @@ def submodules_plain(block: nn.Module, names) -> bool:
         sub = modules.get(name)
         if sub is None:
             continue
-        if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
-                or sub._backward_pre_hooks):
+        if _hooked(sub):
             return False
         expected = _PLAIN_LAYER_TYPES.get(name)
         if expected is not None and type(sub) is not expected:

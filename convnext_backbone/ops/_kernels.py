@@ -58,7 +58,8 @@ from .cuda_dwconv import _capability_of
 __all__ = ["dwconv7", "dwconv7_wgrad", "ln_bwd", "cast_colsum", "ln_mlp_residual",
            "ln_mlp_supported", "gelu_bwd", "ln_fwd", "residual_scale_add", "cast_params",
            "layer_scale_grads", "ColumnSums", "stem_patchify_ln", "stem_supported",
-           "linear_gelu", "linear_gelu_supported", "gelu_bwd_m_supported", "column_sums"]
+           "linear_gelu", "linear_gelu_supported", "linear_gelu_shape_supported",
+           "gelu_bwd_m_supported", "column_sums"]
 
 
 # Host-side integer helpers in plain Python: in recent Triton (3.6, 3.8) `triton.cdiv` and
@@ -747,12 +748,16 @@ def linear_gelu_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `linear_gelu` takes (P, K) x and (N, K) w: half precision, on a Hopper GPU
     (the one its tile was measured on; elsewhere cuBLAS + GELU stay), K a multiple of 64
     and N of 256 (no tails: every ConvNeXt width from 384 on)."""
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
-            and x.is_contiguous() and w.is_contiguous()):
-        return False
+    return (x.is_cuda and w.dtype == x.dtype and x.is_contiguous() and w.is_contiguous()
+            and linear_gelu_shape_supported(x.device, x.dtype, x.shape[1], w.shape[0]))
+
+
+def linear_gelu_shape_supported(device: torch.device, dtype: torch.dtype, K: int, N: int
+                                ) -> bool:
+    """`linear_gelu_supported` for contiguous CUDA operands of this dtype and sizes."""
     _, block_n, block_k = _LINEAR_GELU_TILE[:3]
-    return (_capability_of(x.device)[0] == 9 and x.shape[1] % block_k == 0
-            and w.shape[0] % block_n == 0)
+    return (dtype in (torch.bfloat16, torch.float16) and _capability_of(device)[0] == 9
+            and K % block_k == 0 and N % block_n == 0)
 
 
 def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,

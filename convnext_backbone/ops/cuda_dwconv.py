@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "unavailable_reason", "supports", "supports_input", "depthwise_conv7",
-           "conv_launch",
-           "depthwise_conv7_weight_grad", "compile_source", "KernelUnavailable", "PIX"]
+           "conv_launch", "depthwise_conv7_weight_grad", "compile_source", "KernelUnavailable",
+           "PIX"]
 
 _SOURCE_PATH = Path(__file__).with_name("dwconv7.cu")
 PIX = 8  # output pixels along W per thread (dwconv7.cu's PIX)

@@ -100,8 +100,7 @@ class ForwardPlan:
                 grid, (cdt, dw_bias, ln_weight, ln_bias, cdt, cdt, cdt, p, c, eps), meta)
             launches.append(self.ln)
             self.linear_gelu = None
-            if _kernels.linear_gelu_supported(x.new_empty((0, c), dtype=cdt),
-                                              x.new_empty((4 * c, c), dtype=cdt)):
+            if _kernels.linear_gelu_shape_supported(x.device, cdt, c, 4 * c):
                 grid, meta = _kernels.linear_gelu_launch(p, 4 * c, c)
                 self.linear_gelu = _kernels._linear_gelu_kernel.compiled(
                     grid, (cdt, cdt, cdt, cdt, p), meta)
