@@ -3,9 +3,10 @@ they call.
 
 CPU (CI): a compiled Triton launch and a CUDA-kernel launch pass exactly the parameters
 they are given (the driver and Triton's launcher mocked), per thread; plans are refused
-where they do not apply. GPU (`pytest -m gpu` on the device): a plan's outputs are bit for
-bit the general code's, for every kind of block and dtype setting, the whole model's eager
-inference too, and arguments a plan was not made for fall back.
+where they do not apply. GPU (`pytest -m gpu` on the device): a plan's outputs (and, when
+training, what it keeps for backward) are bit for bit the general code's, for every kind
+of block and dtype setting; the whole model's eager inference and training step too; and
+arguments a plan was not made for fall back.
 """
 from __future__ import annotations
 
@@ -101,8 +102,9 @@ def test_no_plan_for_cpu_tensors_or_full_precision():
     block = torch.nn.Linear(4, 4)  # any parameters: the dtype checks come first
     x = torch.zeros(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     params = (torch.zeros(16, 1, 7, 7),) + tuple(block.parameters()) * 4
-    assert forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, False) is None
-    assert forward_plan.plan_for(x, None, params, 1e-6, torch.float32, False) is None
+    for keep in (False, True):
+        assert forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, keep, False) is None
+        assert forward_plan.plan_for(x, None, params, 1e-6, torch.float32, keep, False) is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -146,31 +148,38 @@ SETTINGS = [(torch.float32, torch.float32, torch.bfloat16, True),
 
 @gpu
 @pytest.mark.parametrize("c", [96, 192, 384, 768])
+@pytest.mark.parametrize("keep", [False, True], ids=["infer", "train"])
 @pytest.mark.parametrize("emit", [True, False], ids=["feeds-block", "last"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=["bf16-autocast", "bf16-model", "fp16-autocast"])
-def test_gpu_plan_matches_the_general_code(c, emit, setting):
-    """Same kernels on the same arguments: out and out_lp equal bit for bit (fused kernel
-    up to C=256; LayerNorm, linear-GELU or cuBLAS + GELU, cuBLAS and the residual above)."""
+def test_gpu_plan_matches_the_general_code(monkeypatch, c, keep, emit, setting):
+    """Same kernels on the same arguments: every output equal bit for bit (fused kernel up
+    to C=256; LayerNorm, linear-GELU or cuBLAS + GELU, cuBLAS and the residual above),
+    what training keeps for backward too."""
     from convnext_backbone.ops import block as fused_block
     from convnext_backbone.ops import forward_plan
 
     x_dtype, param_dtype, cdt, autocast = setting
     emit = emit and x_dtype != cdt  # a compute-dtype copy only of a wider residual stream
     x, x_lp, params = _block_args(c, x_dtype, param_dtype, cdt, with_lp=emit)
-    args = (x, x_lp, *params, 1e-6, cdt, fused_block.CONV_CUDA, False, emit)
-    with torch.inference_mode(), torch.autocast("cuda", cdt, enabled=autocast):
-        plan = forward_plan.plan_for(x, x_lp, params, 1e-6, cdt, emit)
+    args = (x, x_lp, *params, 1e-6, cdt, fused_block.CONV_CUDA, keep, emit)
+    with torch.no_grad(), torch.autocast("cuda", cdt, enabled=autocast):
+        plan = forward_plan.plan_for(x, x_lp, params, 1e-6, cdt, keep, emit)
         assert plan is not None and plan.fused == (c <= 256)
         got = plan(x, x_lp, params)
+        through_impl = fused_block._block_fwd_impl(*args)  # takes the plan when training
+        monkeypatch.setattr(forward_plan, "plan_for", lambda *a: None)
         want = fused_block._block_fwd_impl(*args)  # the general code
-    assert got is not None
-    out, out_lp = got
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    for name, a, k in (("out", out, 0), ("out_lp", out_lp, 6)):
-        if a is None:
-            assert not emit and want[k].numel() == 0
+    assert got is not None and len(got) == len(want) == 7
+    names = ["out", "y", "h", "mean", "rstd", "xs", "out_lp"]
+    for name, a, b, c_ in zip(names, got, want, through_impl):
+        if a is None:  # returned empty by the general code
+            assert b.numel() == 0 and c_.numel() == 0, name
             continue
-        assert a.dtype == want[k].dtype and torch.equal(a, want[k]), name
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+        assert torch.equal(c_, b), name
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert (got[2] is not None) == keep and (got[6] is not None) == emit
+    assert (got[5] is not None) == (keep and x_dtype != cdt)
 
 
 @gpu
@@ -179,14 +188,15 @@ def test_gpu_plan_refuses_arguments_it_was_not_made_for(monkeypatch):
 
     x, _, params = _block_args(96, torch.float32, torch.float32, torch.bfloat16, False)
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
-        plan = forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, False)
+        plan = forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, False, False)
         assert plan(x, None, params) is not None
         # x 2 bytes off 16-byte alignment (still channels_last contiguous).
         buf = torch.empty(x.numel() + 1, device="cuda")
         shifted = buf[1:].view(2, 20, 18, 96).permute(0, 3, 1, 2)
         shifted.copy_(x)
         assert plan(shifted, None, params) is None
-        assert forward_plan.plan_for(shifted, None, params, 1e-6, torch.bfloat16, False) is plan
+        assert forward_plan.plan_for(shifted, None, params, 1e-6, torch.bfloat16, False,
+                                     False) is plan
         # Not channels_last.
         assert plan(x.contiguous(), None, params) is None
         # A parameter that is not contiguous.
@@ -211,9 +221,10 @@ def _tiny_t(device):
 
 
 @gpu
-def test_gpu_model_inference_with_plans_equals_without(monkeypatch):
-    """The whole backbone's eager bf16 inference: plans on, plans off (every block through
-    the general code), the same features bit for bit; plans were really used."""
+def test_gpu_model_with_plans_equals_without(monkeypatch):
+    """The whole backbone, bf16 autocast: eager inference and a training step with plans
+    on and off (every block through the general code): the same features bit for bit,
+    the same gradients; plans were really used (9 blocks a forward)."""
     from convnext_backbone.ops import forward_plan
 
     m = _tiny_t("cuda")
@@ -226,12 +237,22 @@ def test_gpu_model_inference_with_plans_equals_without(monkeypatch):
         used.append(result is not None)
         return result
 
+    def run():
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            feats = [f.clone() for f in m(pixel_values=x).feature_maps]
+        with ops.fast_path(True, min_train_elements=0), torch.autocast("cuda", torch.bfloat16):
+            train_feats = m(pixel_values=x).feature_maps
+        sum(f.float().square().mean() for f in train_feats).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        return feats, [f.detach() for f in train_feats], grads
+
     monkeypatch.setattr(forward_plan.ForwardPlan, "__call__", counting)
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
-        with_plans = m(pixel_values=x).feature_maps
-    assert len(used) == 9 and all(used)
+    with_plans = run()
+    assert len(used) == 18 and all(used)
     monkeypatch.setattr(forward_plan, "plan_for", lambda *args: None)
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
-        without = m(pixel_values=x).feature_maps
-    for a, b in zip(with_plans, without):
+    without = run()
+    for a, b in zip(with_plans[0] + with_plans[1], without[0] + without[1]):
         assert torch.equal(a, b)
+    for name, g in without[2].items():
+        assert torch.allclose(with_plans[2][name], g, rtol=1e-5, atol=1e-7), name

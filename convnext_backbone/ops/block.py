@@ -188,10 +188,19 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
     `keep_for_backward`, h, mean, rstd and xs are empty (an inference pass writes no
     4C-wide tensor at all). `x_lp`, when given, is x already in the compute dtype
     (channels_last); with `emit_lp`, `out_lp` is out in the compute dtype (else empty), for
-    the next block. (Eager inference takes the signature's forward plan, `forward_plan`,
-    where one applies: the same launches, worked out once.)"""
+    the next block. With `keep_for_backward`, the signature's forward plan (`forward_plan`)
+    runs the same launches where one applies (eager inference takes it in `block_forward`)."""
     from . import _kernels
 
+    if keep_for_backward:
+        planned = _planned_forward(x, x_lp, (dw_weight, dw_bias, ln_weight, ln_bias, w1, b1,
+                                             w2, b2, gamma), eps, compute_dtype, conv_impl,
+                                   True, emit_lp)
+        if planned is not None:  # tensors for every output: empty ones for xs, out_lp
+            out, y, h, mean, rstd, xs, out_lp = planned
+            empty = x.new_empty((0,), dtype=compute_dtype)
+            return (out, y, h, mean, rstd, empty if xs is None else xs,
+                    empty.clone() if out_lp is None else out_lp)
     n, c, hh, ww = x.shape
     p = n * hh * ww
     cdt = compute_dtype
@@ -262,13 +271,12 @@ def _block_fwd_impl(x: Tensor, x_lp: Optional[Tensor], dw_weight: Tensor, dw_bia
 
 
 def _planned_forward(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: float,
-                     cdt: torch.dtype, conv_impl: int, emit: bool
-                     ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
-    """An inference forward's (out, out_lp or None) from the signature's
-    `forward_plan.ForwardPlan`, or None where no plan applies."""
+                     cdt: torch.dtype, conv_impl: int, keep: bool, emit: bool):
+    """`_block_fwd_impl`'s outputs from the signature's `forward_plan.ForwardPlan`, None for
+    the ones it returns empty, or None where no plan applies."""
     if conv_impl != CONV_CUDA:
         return None
-    plan = forward_plan.plan_for(x, x_lp, params, eps, cdt, emit)
+    plan = forward_plan.plan_for(x, x_lp, params, eps, cdt, keep, emit)
     return plan(x, x_lp, params) if plan is not None else None
 
 
@@ -514,7 +522,7 @@ def block_forward(block: torch.nn.Module, x: Tensor) -> Tensor:
     if keep:
         out, out_lp = _BlockFunction.apply(x, x_lp, *params, eps, cdt, impl, keep, emit)
     else:  # nothing for autograd to record: skip the Function's per-call work
-        planned = _planned_forward(x, x_lp, params, eps, cdt, impl, emit)
+        planned = _planned_forward(x, x_lp, params, eps, cdt, impl, False, emit)
         if planned is None:
             planned = _block_fwd_impl(x, x_lp, *params, eps, cdt, impl, keep, emit)
         out, out_lp = planned[0], planned[-1]

@@ -1,25 +1,24 @@
-"""A fused block's inference forward with the host's work cut to its launches.
+"""A fused block's forward with the host's work cut to its launches.
 
 Eager steps are bound by the host issuing kernels. ConvNeXt-T's block forward is 3 to 6
 launches, but working them out on every call (tile sizes, Triton's specialisation, the
 weight-cast layout, views, checks) cost the host 5.9 and 9.6 ms per 128x224^2 inference
 forward on two lent H100 machines, most of it in the 18 blocks, where the forward's
 kernels take 5.8 ms. A `ForwardPlan` works a block's launches out once per signature
-(input shape and dtype, parameter dtypes, compute dtype, whether the output feeds the
-next block, device) and keeps the compiled kernels with their grids and constexprs; each
-call then only allocates and launches, passing device addresses. Blocks of one stage
-share a plan (the parameters are arguments). Plans serve blocks that autograd will not
-ask for gradients (inference, frozen stages); training blocks run the general code.
+(input shape and dtype, parameter dtypes, compute dtype, inference or keeping what
+backward needs, whether the output feeds the next block, device) and keeps the compiled
+kernels with their grids and constexprs; each call then only allocates and launches,
+passing device addresses. Blocks of one stage share a plan (the parameters are
+arguments).
 
-The launches are those of `ops.block._block_fwd_impl` without `keep_for_backward`: the
-same kernels on the same arguments, so the same results bit for bit (the conv taps are
-not cast along with the weights here: the CUDA conv kernel reads the fp32 taps, the cast
-copy is only cuDNN's).
-Plans cover the default configuration: the CUDA conv kernel, half-precision compute, fp32
-conv taps, Triton's direct launches available and no launch hooks. Elsewhere, and for
-arguments a plan was not made for (misaligned or non-contiguous memory, another current
-device), `plan_for` or the plan answers None and the caller runs `_block_fwd_impl`'s
-general code.
+The launches are those of `ops.block._block_fwd_impl`: the same kernels on the same
+arguments, so the same results bit for bit, and in training the same tensors kept for
+backward (the conv taps are not cast along with the weights here: the CUDA conv kernel
+reads the fp32 taps, the cast copy is only cuDNN's). Plans cover the default
+configuration: the CUDA conv kernel, half-precision compute, fp32 conv taps, Triton's
+direct launches available and no launch hooks. Elsewhere, and for arguments a plan was
+not made for (misaligned or non-contiguous memory, another current device), `plan_for`
+or the plan answers None and the caller runs `_block_fwd_impl`'s general code.
 """
 from __future__ import annotations
 
@@ -52,15 +51,16 @@ def _dense_and_aligned(tensors) -> bool:
 
 
 class ForwardPlan:
-    """One signature's block inference forward (see the module docstring): built from a
-    first call's arguments, called with (x, x_lp, params)."""
+    """One signature's block forward (see the module docstring), for inference or keeping
+    what backward needs: built from a first call's arguments, called with (x, x_lp,
+    params)."""
 
     def __init__(self, x: Tensor, params: Tuple[Tensor, ...], eps: float, cdt: torch.dtype,
-                 emit: bool) -> None:
+                 keep: bool, emit: bool) -> None:
         n, c, h, w = x.shape
         p = n * h * w
         self.shape, self.strides = (n, c, h, w), (h * w * c, 1, w * c, c)  # channels_last
-        self.p, self.c, self.eps, self.cdt, self.emit = p, c, eps, cdt, emit
+        self.p, self.c, self.eps, self.cdt, self.keep, self.emit = p, c, eps, cdt, keep, emit
         self.device = x.device
         gamma = params[_GAMMA]
         self.out_dtype = torch.promote_types(torch.promote_types(x.dtype, gamma.dtype), cdt)
@@ -86,21 +86,21 @@ class ForwardPlan:
         self.conv = cuda_dwconv.conv_launch(x.device, cdt, cdt, n, c, h, w, True)
         dw_bias, ln_weight, ln_bias = params[1:4]
         if self.fused:
-            grid, meta = _kernels.ln_mlp_launch(p, c, False, emit)
-            # h, mean, rstd (not stored) are given y's address.
+            grid, meta = _kernels.ln_mlp_launch(p, c, keep, emit)
+            stats = torch.float32 if keep else cdt  # (h, mean, rstd: y's address when unused)
             self.mlp = _kernels._ln_mlp_kernel.compiled(
                 grid, (cdt, dw_bias, x, ln_weight, ln_bias, cdt, params[_B1], cdt,
-                       params[_B2], gamma, out, lp if emit else out, cdt, cdt, cdt, p, eps),
-                meta)
+                       params[_B2], gamma, out, lp if emit else out, cdt, stats, stats, p,
+                       eps), meta)
             launches.append(self.mlp)
         else:
-            grid, meta = _kernels.ln_fwd_launch(p, c, True, False)
-            # mean, rstd (not stored) are given xn's address.
+            grid, meta = _kernels.ln_fwd_launch(p, c, True, keep)
+            stats = torch.float32 if keep else cdt  # (mean, rstd: xn's address when unused)
             self.ln = _kernels._ln_fwd_kernel.compiled(
-                grid, (cdt, dw_bias, ln_weight, ln_bias, cdt, cdt, cdt, p, c, eps), meta)
+                grid, (cdt, dw_bias, ln_weight, ln_bias, cdt, stats, stats, p, c, eps), meta)
             launches.append(self.ln)
-            self.linear_gelu = None
-            if _kernels.linear_gelu_shape_supported(x.device, cdt, c, 4 * c):
+            self.linear_gelu = None  # training keeps h: cuBLAS, then aten's GELU
+            if not keep and _kernels.linear_gelu_shape_supported(x.device, cdt, c, 4 * c):
                 grid, meta = _kernels.linear_gelu_launch(p, 4 * c, c)
                 self.linear_gelu = _kernels._linear_gelu_kernel.compiled(
                     grid, (cdt, cdt, cdt, cdt, p), meta)
@@ -123,10 +123,11 @@ class ForwardPlan:
         return params[index].as_strided(shape, strides)
 
     def __call__(self, x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...]
-                 ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
-        """(out, out_lp: out in cdt, or None without `emit`), as `_block_fwd_impl` returns
-        them; None where the arguments do not fit the plan."""
-        device, cdt, p, c = self.device, self.cdt, self.p, self.c
+                 ) -> Optional[Tuple[Optional[Tensor], ...]]:
+        """(out, y, h, mean, rstd, xs, out_lp) as `_block_fwd_impl` returns them, with None
+        for what it returns empty (h, mean, rstd without `keep`; xs unless x is wider
+        than cdt and kept; out_lp unless `emit`); None where the arguments do not fit."""
+        device, cdt, p, c, keep = self.device, self.cdt, self.p, self.c, self.keep
         if (torch._C._cuda_getDevice() != device.index or not _dense_and_aligned(params)
                 or x.data_ptr() % 16 or not x.is_contiguous(memory_format=torch.channels_last)
                 or _launch.launch_hooks_set()):
@@ -143,6 +144,7 @@ class ForwardPlan:
             xc = x if x.dtype == cdt else x.to(cdt, memory_format=torch.channels_last)
         if xc.data_ptr() % 16:
             return None
+        xs = xc if keep and x.dtype != cdt else None  # backward convolves xc
         stream = torch._C._cuda_getCurrentRawStream(device.index)
         ptr = [t.data_ptr() for t in params]
         flat = None
@@ -161,22 +163,34 @@ class ForwardPlan:
         out = torch.empty_strided(self.shape, self.strides, device=device, dtype=self.out_dtype)
         out_lp = (torch.empty_strided(self.shape, self.strides, device=device, dtype=cdt)
                   if self.emit else None)
+        h = mean = rstd = None
+        if keep:
+            mean = torch.empty((p,), device=device, dtype=torch.float32)
+            rstd = torch.empty((p,), device=device, dtype=torch.float32)
         if self.fused:
+            if keep:
+                h = torch.empty((p, 4 * c), device=device, dtype=cdt)
+                hp, mp, rp = h.data_ptr(), mean.data_ptr(), rstd.data_ptr()
+            else:
+                hp = mp = rp = yp
             self.mlp(stream, yp, ptr[1], x.data_ptr(), ptr[2], ptr[3], ptr[_W1], ptr[_B1],
                      ptr[_W2], ptr[_B2], ptr[_GAMMA], out.data_ptr(),
-                     (out_lp if self.emit else out).data_ptr(), yp, yp, yp, p, self.eps)
-            return out, out_lp
+                     (out_lp if self.emit else out).data_ptr(), hp, mp, rp, p, self.eps)
+            return out, y, h, mean, rstd, xs, out_lp
         xn = torch.empty((p, c), device=device, dtype=cdt)
         xnp = xn.data_ptr()
-        self.ln(stream, yp, ptr[1], ptr[2], ptr[3], xnp, xnp, xnp, p, c, self.eps)
-        del y
+        self.ln(stream, yp, ptr[1], ptr[2], ptr[3], xnp,
+                mean.data_ptr() if keep else xnp, rstd.data_ptr() if keep else xnp, p, c,
+                self.eps)
         if self.linear_gelu is not None:
             g = torch.empty((p, 4 * c), device=device, dtype=cdt)
             self.linear_gelu(stream, xnp, ptr[_W1], ptr[_B1], g.data_ptr(), p)
         else:  # cuBLAS, then aten's GELU; every operand in cdt: autocast casts nothing
-            g = F.gelu(torch.addmm(self._in_compute_dtype(flat, params, _B1, (4 * c,), (1,)),
-                                   xn, self._in_compute_dtype(flat, params, _W1, (c, 4 * c),
-                                                              (1, c))))
+            h = torch.addmm(self._in_compute_dtype(flat, params, _B1, (4 * c,), (1,)), xn,
+                            self._in_compute_dtype(flat, params, _W1, (c, 4 * c), (1, c)))
+            g = F.gelu(h)
+            if not keep:
+                h = None
         del xn
         z = torch.addmm(self._in_compute_dtype(flat, params, _B2, (c,), (1,)), g,
                         self._in_compute_dtype(flat, params, _W2, (4 * c, c), (1, 4 * c)))
@@ -188,20 +202,20 @@ class ForwardPlan:
             with torch.autocast(device.type, enabled=False):  # in x's and gamma's dtypes
                 torch.addcmul(x.permute(0, 2, 3, 1).reshape(p, c), z, params[_GAMMA],
                               out=out.permute(0, 2, 3, 1).view(p, c))
-        return out, out_lp
+        return out, y, h, mean, rstd, xs, out_lp
 
 
 def plan_for(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: float,
-             cdt: torch.dtype, emit: bool) -> Optional[ForwardPlan]:
-    """The inference plan for this call's signature (made on first use), or None where none
-    applies (then the general code runs). `x`: the channels_last block input; `x_lp`: x in
-    cdt, or None; `params`: `ops.block_params`' order; `emit`: also write the output in
-    cdt."""
-    key = (x.shape, x.dtype, x.device, cdt, emit, x_lp is not None, eps,
+             cdt: torch.dtype, keep: bool, emit: bool) -> Optional[ForwardPlan]:
+    """The plan for this call's signature (made on first use), or None where none applies
+    (then the general implementation runs). `x`: the channels_last block input; `x_lp`: x
+    in cdt, or None; `params`: `ops.block_params`' order; `keep`: keep what backward needs;
+    `emit`: also write the output in cdt."""
+    key = (x.shape, x.dtype, x.device, cdt, keep, emit, x_lp is not None, eps,
            tuple(t.dtype for t in params))
     plan = _plans.get(key, False)
     if plan is False:
-        plan = _build(x, x_lp, params, eps, cdt, emit)
+        plan = _build(x, x_lp, params, eps, cdt, keep, emit)
         if len(_plans) >= _MAX_PLANS:
             _plans.pop(next(iter(_plans)))
         _plans[key] = plan
@@ -209,7 +223,7 @@ def plan_for(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps:
 
 
 def _build(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: float,
-           cdt: torch.dtype, emit: bool) -> Optional[ForwardPlan]:
+           cdt: torch.dtype, keep: bool, emit: bool) -> Optional[ForwardPlan]:
     if (cdt not in _HALF or x.dtype not in (torch.float32, cdt) or not x.is_cuda
             or x.get_device() != torch.cuda.current_device()
             or not x.is_contiguous(memory_format=torch.channels_last)
@@ -221,7 +235,7 @@ def _build(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: f
     if not cuda_dwconv.supports_input(x.device, cdt, x.shape[1], x.numel()):
         return None
     try:
-        plan = ForwardPlan(x, params, eps, cdt, emit)
+        plan = ForwardPlan(x, params, eps, cdt, keep, emit)
     except cuda_dwconv.KernelUnavailable:
         return None
     return plan if plan.complete else None
