@@ -371,13 +371,18 @@ def test_gpu_block_uses_the_kernel_forward_and_backward(impl, tensor_cores, monk
     """Under bf16 autocast the fast block's forward conv (on the tensor cores or not), its
     input-gradient conv (with the residual gradient added) and its weight gradient run the
     CUDA kernels, and match the reference block; with ``CONVNEXT_DWCONV=cudnn`` they do not
-    run it and still match."""
+    run it and still match. The general code (plans off) calls the kernels' wrappers; the
+    forward and backward plans launch the same kernels directly (3 launches either way)."""
     from convnext_backbone.modeling import ConvNextBlock
+    from convnext_backbone.ops import backward_plan, forward_plan
 
     monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 0)
     monkeypatch.setenv("CONVNEXT_DWCONV", impl)
     monkeypatch.setattr(cuda_dwconv, "TENSOR_CORES", tensor_cores)
-    calls = []
+    calls, launches = [], []
+    real_launch = cuda_dwconv._Launch.__call__
+    monkeypatch.setattr(cuda_dwconv._Launch, "__call__",
+                        lambda self, *args: launches.append(1) or real_launch(self, *args))
     real = cuda_dwconv.depthwise_conv7
 
     def counting(x, taps, **kw):
@@ -396,19 +401,27 @@ def test_gpu_block_uses_the_kernel_forward_and_backward(impl, tensor_cores, monk
     block = ConvNextBlock(96, layer_scale_init_value=0.5).cuda().to(
         memory_format=torch.channels_last)
     x = torch.randn(2, 96, 24, 40, device="cuda").contiguous(memory_format=torch.channels_last)
-    res = {}
-    for fast in (True, False):
-        xi = x.clone().requires_grad_(True)
-        with ops.fast_path(fast), torch.autocast("cuda", torch.bfloat16):
-            out = block(xi)
-        weights = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
-        (out.float() * weights).sum().backward()
-        res[fast] = (out.detach().float(), xi.grad,
-                     {n: p.grad.clone() for n, p in block.named_parameters()})
-        block.zero_grad(set_to_none=True)
-    assert calls == ([False, True, "wgrad"] if impl == "cuda" else [])
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
-    assert rel(res[True][0], res[False][0]) <= 1e-2
-    assert rel(res[True][1], res[False][1]) <= 1e-2
-    for n in res[False][2]:
-        assert rel(res[True][2][n], res[False][2][n]) <= 1e-2, n
+    for plans in (False, True):
+        calls.clear()
+        launches.clear()
+        res = {}
+        with monkeypatch.context() as patch:
+            if not plans:
+                patch.setattr(forward_plan, "plan_for", lambda *a: None)
+                patch.setattr(backward_plan, "plan_for", lambda *a: None)
+            for fast in (True, False):
+                xi = x.clone().requires_grad_(True)
+                with ops.fast_path(fast), torch.autocast("cuda", torch.bfloat16):
+                    out = block(xi)
+                weights = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+                (out.float() * weights).sum().backward()
+                res[fast] = (out.detach().float(), xi.grad,
+                             {n: p.grad.clone() for n, p in block.named_parameters()})
+                block.zero_grad(set_to_none=True)
+        assert calls == ([False, True, "wgrad"] if impl == "cuda" and not plans else [])
+        assert len(launches) == (3 if impl == "cuda" else 0)
+        assert rel(res[True][0], res[False][0]) <= 1e-2
+        assert rel(res[True][1], res[False][1]) <= 1e-2
+        for n in res[False][2]:
+            assert rel(res[True][2][n], res[False][2][n]) <= 1e-2, n

@@ -1168,14 +1168,32 @@ def test_gpu_gelu_bwd_weight_grad_product(P, C):
 def test_gpu_wide_inference_blocks_use_linear_gelu(monkeypatch):
     """bf16 inference blocks of width >= 384 run pwconv1 + GELU as one kernel on Hopper
     (elsewhere cuBLAS + GELU), fused training blocks never (they keep h for backward);
-    outputs match the reference path."""
-    from convnext_backbone.ops import _kernels
+    outputs match the reference path. Counted in the kernels' wrappers (the general code)
+    and in the forward and backward plans' calls (`tests/test_plans.py`)."""
+    from convnext_backbone.ops import _kernels, backward_plan, forward_plan
 
     calls, gelu_bwd_calls = [], []
     real, real_gelu_bwd = _kernels.linear_gelu, _kernels.gelu_bwd
     monkeypatch.setattr(_kernels, "linear_gelu", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(_kernels, "gelu_bwd",
                         lambda *a, **k: gelu_bwd_calls.append(1) or real_gelu_bwd(*a, **k))
+    real_forward = forward_plan.ForwardPlan.__call__
+    real_backward = backward_plan.BackwardPlan.__call__
+
+    def planned_forward(plan, *args):
+        result = real_forward(plan, *args)
+        if result is not None and plan.linear_gelu is not None:
+            calls.append(1)
+        return result
+
+    def planned_backward(plan, *args):
+        result = real_backward(plan, *args)
+        if result is not None:  # its launches include the GELU backward's
+            gelu_bwd_calls.append(1)
+        return result
+
+    monkeypatch.setattr(forward_plan.ForwardPlan, "__call__", planned_forward)
+    monkeypatch.setattr(backward_plan.BackwardPlan, "__call__", planned_backward)
     monkeypatch.setattr(ops, "MIN_TRAIN_ELEMENTS", 0)  # these small training blocks fused too
     cfg = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 2, 1],
                          out_features=STAGES)

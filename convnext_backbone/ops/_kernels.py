@@ -390,23 +390,31 @@ def ln_bwd(y: torch.Tensor, dxn: torch.Tensor, mean: torch.Tensor, rstd: torch.T
         lnw, lnb: (C,) affine parameters. dy_dtype: dtype of the returned input gradient.
     """
     P, C = y.shape
-    block_p, block_c, num_warps = _ln_bwd_tile(P, C)
-    progs, tiles_per_prog = _ln_bwd_programs(P, C, y.device)
+    grid, meta, tiles_per_prog = ln_bwd_launch(P, C, y.device, y_bias is not None,
+                                               rebuild_output, sum_dy)
+    progs = grid[0]
     dy = torch.empty((P, C), device=y.device, dtype=dy_dtype)
     xn = torch.empty((P, C), device=y.device, dtype=y.dtype) if rebuild_output else dy
     own = part is None
     if own:
         part = torch.empty((progs, 3 * C), device=y.device, dtype=torch.float32)
-    _ln_bwd_kernel[(progs,)](
+    _ln_bwd_kernel[grid](
         y, y_bias if y_bias is not None else lnw, dxn, mean, rstd, lnw, lnb, dy, xn, part,
-        part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog,
-        HAS_YB=y_bias is not None, STORE_XN=rebuild_output, SUM_DY=sum_dy, BLOCK_P=block_p,
-        BLOCK_C=block_c, num_warps=num_warps)
+        part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog, **meta)
     xn = xn if rebuild_output else None
     if not own:
         return dy, xn, None, None, None
     s = column_sums(part)
     return dy, xn, s[:C], s[C:2 * C], s[2 * C:] if sum_dy else None
+
+
+def ln_bwd_launch(P: int, C: int, device: torch.device, has_y_bias: bool, store_xn: bool,
+                  sum_dy: bool) -> Tuple[Tuple[int], dict, int]:
+    """`_ln_bwd_kernel`'s grid, constexprs (with num_warps) and row tiles per program."""
+    block_p, block_c, num_warps = _ln_bwd_tile(P, C)
+    progs, tiles_per_prog = _ln_bwd_programs(P, C, device)
+    return (progs,), dict(HAS_YB=has_y_bias, STORE_XN=store_xn, SUM_DY=sum_dy,
+                          BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps), tiles_per_prog
 
 
 @direct_launch
@@ -439,17 +447,25 @@ def cast_colsum(x: torch.Tensor, dtype: torch.dtype, part: Optional[torch.Tensor
     (x itself is returned when it already has that dtype). With `part` (a (rows, C) band of
     a `ColumnSums`), the sum is left there as partial sums and returned as None."""
     P, C = x.shape
-    block_p, block_c, num_warps = _row_tile(P, C)
-    progs, tiles_per_prog = _rows_programs(P, C, x.device)
     store = x.dtype != dtype
+    grid, meta, tiles_per_prog = cast_colsum_launch(P, C, x.device, store)
+    progs = grid[0]
     out = torch.empty((P, C), device=x.device, dtype=dtype) if store else x
     own = part is None
     if own:
         part = torch.empty((progs, C), device=x.device, dtype=torch.float32)
-    _cast_colsum_kernel[(progs,)](
-        x, out, part, part.stride(0), _band_rows(part, progs), P, C, tiles_per_prog,
-        STORE=store, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    _cast_colsum_kernel[grid](x, out, part, part.stride(0), _band_rows(part, progs), P, C,
+                              tiles_per_prog, **meta)
     return out, (column_sums(part) if own else None)
+
+
+def cast_colsum_launch(P: int, C: int, device: torch.device, store: bool
+                       ) -> Tuple[Tuple[int], dict, int]:
+    """`_cast_colsum_kernel`'s grid, constexprs (with num_warps) and row tiles per program."""
+    block_p, block_c, num_warps = _row_tile(P, C)
+    progs, tiles_per_prog = _rows_programs(P, C, device)
+    return (progs,), dict(STORE=store, BLOCK_P=block_p, BLOCK_C=block_c,
+                          num_warps=num_warps), tiles_per_prog
 
 
 # The PTX of `_exp2_approx` / `_rcp_approx` cannot run in Triton's CPU interpreter (the
@@ -916,26 +932,32 @@ def gelu_bwd(dg: torch.Tensor, h: torch.Tensor, part: Optional[torch.Tensor] = N
                              or dout.dtype != h.dtype or not gelu_bwd_m_supported(C, h.dtype)):
         raise ValueError(f"gelu_bwd's dout must be ({P}, C) contiguous {h.dtype} with "
                          f"C <= 256, got {tuple(dout.shape)} {dout.dtype}")
-    block_p, block_h, num_warps, _, num_stages = _gelu_config(hid, C)
-    hblocks = _cdiv(hid, block_h)
-    progs, tiles_per_prog = _gelu_programs(P, hid, h.device, C)
+    grid, meta, tiles_per_prog = gelu_bwd_launch(P, hid, h.device, C)
+    progs = grid[0]
     dh = torch.empty_like(h)
     own = part is None
     if own:
         part = torch.empty((progs, hid), device=h.device, dtype=torch.float32)
     if dout is None:
         g = torch.empty_like(h)
-        _gelu_bwd_kernel[(progs, hblocks)](
-            dg, h, dh, g, part, part.stride(0), _band_rows(part, progs), h, part, P, hid, 1,
-            tiles_per_prog, BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_C=16, WITH_M=False,
-            num_warps=num_warps, num_stages=num_stages)
+        _gelu_bwd_kernel[grid](dg, h, dh, g, part, part.stride(0), _band_rows(part, progs), h,
+                               part, P, hid, 1, tiles_per_prog, **meta)
     else:
         g = torch.empty((progs, C, hid), device=h.device, dtype=torch.float32)
-        _gelu_bwd_kernel[(progs, hblocks)](
-            dg, h, dh, dh, part, part.stride(0), _band_rows(part, progs), dout, g, P, hid, C,
-            tiles_per_prog, BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_C=_gelu_m_block_c(C),
-            WITH_M=True, num_warps=num_warps, num_stages=num_stages)
+        _gelu_bwd_kernel[grid](dg, h, dh, dh, part, part.stride(0), _band_rows(part, progs),
+                               dout, g, P, hid, C, tiles_per_prog, **meta)
     return dh, g, (column_sums(part) if own else None)
+
+
+def gelu_bwd_launch(P: int, hid: int, device: torch.device, C: Optional[int] = None
+                    ) -> Tuple[Tuple[int, int], dict, int]:
+    """`_gelu_bwd_kernel`'s grid, constexprs (with num_warps, num_stages) and row tiles per
+    program; with C, for forming the weight-gradient product too."""
+    block_p, block_h, num_warps, _, num_stages = _gelu_config(hid, C)
+    progs, tiles_per_prog = _gelu_programs(P, hid, device, C)
+    return (progs, _cdiv(hid, block_h)), dict(
+        BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_C=16 if C is None else _gelu_m_block_c(C),
+        WITH_M=C is not None, num_warps=num_warps, num_stages=num_stages), tiles_per_prog
 
 
 @direct_launch
@@ -962,11 +984,16 @@ def column_sums(part: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"column_sums needs fp32 rows with unit column stride, got "
                          f"{part.dtype} strides {part.stride()}")
     out = torch.empty((W,), device=part.device, dtype=torch.float32)
+    grid, meta = column_sums_launch(R, W)
+    _column_sums_kernel[grid](part, out, R, W, part.stride(0), **meta)
+    return out
+
+
+def column_sums_launch(R: int, W: int) -> Tuple[Tuple[int], dict]:
+    """`_column_sums_kernel`'s grid and constexprs (with num_warps) for an (R, W) matrix."""
     block_r = min(_pow2(max(R, 1)), 1024)
     block_w = max(1, min(_pow2(W), 8192 // block_r))
-    _column_sums_kernel[(_cdiv(W, block_w),)](part, out, R, W, part.stride(0), BLOCK_R=block_r,
-                                              BLOCK_W=block_w, num_warps=4)
-    return out
+    return (_cdiv(W, block_w),), dict(BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)
 
 
 class ColumnSums:
@@ -980,15 +1007,19 @@ class ColumnSums:
     """
 
     def __init__(self, P: int, C: int, widths: Tuple[int, ...], device: torch.device) -> None:
-        # As many rows as the kernel with the most programs launches; the others zero the
-        # rows they do not reach.
-        rows = max(_rows_programs(P, C, device)[0], _ln_bwd_programs(P, C, device)[0],
-                   _gelu_programs(P, 4 * C, device)[0], _gelu_programs(P, 4 * C, device, C)[0])
-        self._buf = torch.empty((rows, sum(widths)), device=device, dtype=torch.float32)
+        self._buf = torch.empty((self.rows(P, C, device), sum(widths)), device=device,
+                                dtype=torch.float32)
         self._bounds, start = [], 0
         for w in widths:
             self._bounds.append((start, start + w))
             start += w
+
+    @staticmethod
+    def rows(P: int, C: int, device: torch.device) -> int:
+        """The buffer's rows: as many as the kernel with the most programs launches (the
+        others zero the rows they do not reach)."""
+        return max(_rows_programs(P, C, device)[0], _ln_bwd_programs(P, C, device)[0],
+                   _gelu_programs(P, 4 * C, device)[0], _gelu_programs(P, 4 * C, device, C)[0])
 
     def band(self, k: int) -> torch.Tensor:
         """The (rows, widths[k]) band a kernel writes its partial sums into."""
@@ -1290,8 +1321,14 @@ def layer_scale_grads(m: torch.Tensor, w2: torch.Tensor, gamma: torch.Tensor, b2
     dw2 = torch.empty((C, hid), device=m.device, dtype=w2.dtype)
     dgamma = torch.empty((C,), device=m.device, dtype=gamma.dtype)
     db2 = torch.empty((C,), device=m.device, dtype=b2.dtype)
+    grid, meta = layer_scale_grads_launch(slices, C, hid)
+    _layer_scale_grads_kernel[grid](m, w2, gamma, b2, dsum, dw2, dgamma, db2, hid, slices,
+                                    C * hid, **meta)
+    return dw2, db2, dgamma
+
+
+def layer_scale_grads_launch(slices: int, C: int, hid: int) -> Tuple[Tuple[int], dict]:
+    """`_layer_scale_grads_kernel`'s grid and constexprs (with num_warps)."""
     block_h = min(1024, _pow2(hid))
     block_s = max(1, min(_pow2(slices), 8192 // block_h))
-    _layer_scale_grads_kernel[(C,)](m, w2, gamma, b2, dsum, dw2, dgamma, db2, hid, slices,
-                                    C * hid, BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4)
-    return dw2, db2, dgamma
+    return (C,), dict(BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4)

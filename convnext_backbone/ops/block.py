@@ -47,8 +47,8 @@ from torch import Tensor
 from torch.nn.modules import module as _module
 
 # Loaded only through convnext_backbone.ops (after it is initialised), so no cycle.
-from . import (_LOW_PRECISION_ATTR, attach_low_precision_copy, block_params, compute_dtype,
-               cuda_dwconv, forward_plan, in_block_sequence, needs_backward)
+from . import (_LOW_PRECISION_ATTR, attach_low_precision_copy, backward_plan, block_params,
+               compute_dtype, cuda_dwconv, forward_plan, in_block_sequence, needs_backward)
 
 __all__ = ["block_fwd", "block_bwd", "block_forward", "conv_impl", "CONV_TRITON", "CONV_CUDNN",
            "CONV_CUDA"]
@@ -315,9 +315,16 @@ def _block_bwd_impl(dout: Tensor, x: Tensor, y: Tensor, h: Tensor, mean: Tensor,
               w2: Tensor, b2: Tensor, gamma: Tensor, conv_impl: int, dx_dtype: torch.dtype
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                          Tensor]:
-    """Gradients (x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma)."""
+    """Gradients (x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma), from
+    the signature's backward plan (`backward_plan`: the same launches) where one applies."""
     from . import _kernels
 
+    if conv_impl == CONV_CUDA:
+        params = (dw_weight, dw_bias, ln_weight, ln_bias, w1, w2, b2, gamma)
+        plan = backward_plan.plan_for(dout, x, y, params, dx_dtype)
+        grads = plan(dout, x, y, h, mean, rstd, params) if plan is not None else None
+        if grads is not None:
+            return grads
     n, c, hh, ww = x.shape
     p = n * hh * ww
     cdt = y.dtype

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "unavailable_reason", "supports", "supports_input", "depthwise_conv7",
-           "conv_launch", "depthwise_conv7_weight_grad", "compile_source", "KernelUnavailable",
-           "PIX"]
+           "conv_launch", "depthwise_conv7_weight_grad", "wgrad_launch", "compile_source",
+           "KernelUnavailable", "PIX"]
 
 _SOURCE_PATH = Path(__file__).with_name("dwconv7.cu")
 PIX = 8  # output pixels along W per thread (dwconv7.cu's PIX)
@@ -524,6 +524,19 @@ def _wgrad_plan(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int
                    (n, h, w, groups, strips, tile_rows, tiles_per_chunk))
 
 
+def wgrad_launch(device: torch.device, dtype: torch.dtype, n: int, c: int, h: int, w: int,
+                 aligned16: bool) -> _Launch:
+    """The launch of `depthwise_conv7_weight_grad` for (n, c, h, w) inputs of `dtype` on
+    `device` (an indexed CUDA device), worked out once; called with the stream and the
+    pointers of x, dy and the (grid[0], c, 49) fp32 partial sums. `aligned16`: x and dy
+    are 16-byte aligned."""
+    key = (device.index, dtype, n, c, h, w, aligned16)
+    plan = _wgrad_plans.get(key)
+    if plan is None:
+        plan = _wgrad_plans[key] = _wgrad_plan(device, dtype, n, c, h, w, aligned16)
+    return plan
+
+
 def depthwise_conv7_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     """The weight gradient of ``F.conv2d(x, w, padding=3, groups=C)`` given its output
     gradient `dy`: (C, 1, 7, 7) fp32, summed in fp32 (chunk sums added in a fixed order, so
@@ -540,11 +553,8 @@ def depthwise_conv7_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
     if dy.data_ptr() % 8:
         dy = dy.clone(memory_format=torch.channels_last)
     n, c, h, w = x.shape
-    aligned16 = x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0
-    key = (x.device.index, x.dtype, n, c, h, w, aligned16)
-    plan = _wgrad_plans.get(key)
-    if plan is None:
-        plan = _wgrad_plans[key] = _wgrad_plan(x.device, x.dtype, n, c, h, w, aligned16)
+    plan = wgrad_launch(x.device, x.dtype, n, c, h, w,
+                        x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0)
     chunks = plan.grid[0]
     partial = x.new_empty((chunks, c, 49), dtype=torch.float32)
     plan(torch._C._cuda_getCurrentRawStream(x.device.index), x.data_ptr(), dy.data_ptr(),

@@ -22,7 +22,7 @@ or the plan answers None and the caller runs `_block_fwd_impl`'s general code.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from . import _kernels, _launch, cuda_dwconv
 
-__all__ = ["ForwardPlan", "plan_for"]
+__all__ = ["ForwardPlan", "plan_for", "remember", "dense_and_aligned", "plannable",
+           "complete_or_none"]
 
 # Parameter order (ops.block_params): dwconv weight and bias, LayerNorm weight and bias,
 # pwconv1 weight and bias, pwconv2 weight and bias, layer scale.
@@ -40,7 +41,7 @@ _MAX_PLANS = 64  # signatures kept (a model's stages at a few input sizes)
 _plans: Dict[Tuple, Optional["ForwardPlan"]] = {}
 
 
-def _dense_and_aligned(tensors) -> bool:
+def dense_and_aligned(tensors) -> bool:
     """All contiguous and 16-byte aligned (the alignment the kernels were compiled for)."""
     ptrs = 0
     for t in tensors:
@@ -67,6 +68,7 @@ class ForwardPlan:
         self.fused = _kernels.ln_mlp_supported(c, cdt)
         out, lp = self.out_dtype, cdt
         launches = []
+        self.linear_gelu = None  # pwconv1 + GELU as one kernel (wide inference blocks)
         # The weights read in cdt, cast by one launch: w1, w2 for the fused kernel (which
         # reads the vectors as they are); w1, b1, w2, b2 for cuBLAS.
         wanted = (_W1, _W2) if self.fused else (_W1, _B1, _W2, _B2)
@@ -99,7 +101,7 @@ class ForwardPlan:
             self.ln = _kernels._ln_fwd_kernel.compiled(
                 grid, (cdt, dw_bias, ln_weight, ln_bias, cdt, stats, stats, p, c, eps), meta)
             launches.append(self.ln)
-            self.linear_gelu = None  # training keeps h: cuBLAS, then aten's GELU
+            # Training keeps h: cuBLAS, then aten's GELU.
             if not keep and _kernels.linear_gelu_shape_supported(x.device, cdt, c, 4 * c):
                 grid, meta = _kernels.linear_gelu_launch(p, 4 * c, c)
                 self.linear_gelu = _kernels._linear_gelu_kernel.compiled(
@@ -128,7 +130,7 @@ class ForwardPlan:
         for what it returns empty (h, mean, rstd without `keep`; xs unless x is wider
         than cdt and kept; out_lp unless `emit`); None where the arguments do not fit."""
         device, cdt, p, c, keep = self.device, self.cdt, self.p, self.c, self.keep
-        if (torch._C._cuda_getDevice() != device.index or not _dense_and_aligned(params)
+        if (torch._C._cuda_getDevice() != device.index or not dense_and_aligned(params)
                 or x.data_ptr() % 16 or not x.is_contiguous(memory_format=torch.channels_last)
                 or _launch.launch_hooks_set()):
             return None
@@ -215,27 +217,44 @@ def plan_for(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps:
            tuple(t.dtype for t in params))
     plan = _plans.get(key, False)
     if plan is False:
-        plan = _build(x, x_lp, params, eps, cdt, keep, emit)
-        if len(_plans) >= _MAX_PLANS:
-            _plans.pop(next(iter(_plans)))
-        _plans[key] = plan
+        plan = remember(_plans, key, _build(x, x_lp, params, eps, cdt, keep, emit))
+    return plan
+
+
+def remember(plans: Dict[Tuple, Any], key: Tuple, plan: Any) -> Any:
+    """Keeps `plan` (None too: no plan applies) as `plans[key]`, dropping the oldest entry
+    beyond `_MAX_PLANS` signatures; returns it."""
+    if len(plans) >= _MAX_PLANS:
+        plans.pop(next(iter(plans)))
+    plans[key] = plan
     return plan
 
 
 def _build(x: Tensor, x_lp: Optional[Tensor], params: Tuple[Tensor, ...], eps: float,
            cdt: torch.dtype, keep: bool, emit: bool) -> Optional[ForwardPlan]:
-    if (cdt not in _HALF or x.dtype not in (torch.float32, cdt) or not x.is_cuda
-            or x.get_device() != torch.cuda.current_device()
-            or not x.is_contiguous(memory_format=torch.channels_last)
-            or not _launch.direct_launch_supported()
-            or any(not t.is_cuda or not t.is_floating_point() for t in params)
-            or params[_DW].dtype != torch.float32 or not _dense_and_aligned(params)
-            or x.data_ptr() % 16):
+    if x.dtype not in (torch.float32, cdt) or not plannable(x, params, cdt):
         return None
-    if not cuda_dwconv.supports_input(x.device, cdt, x.shape[1], x.numel()):
-        return None
+    return complete_or_none(lambda: ForwardPlan(x, params, eps, cdt, keep, emit))
+
+
+def plannable(x: Tensor, params: Tuple[Tensor, ...], cdt: torch.dtype) -> bool:
+    """What every block plan needs: half-precision compute; a channels_last, 16-byte
+    aligned CUDA tensor x on the current device that the CUDA conv kernel takes (in cdt);
+    dense, aligned floating-point CUDA parameters, the conv taps (first) in fp32; Triton's
+    direct launches."""
+    return (cdt in _HALF and x.is_cuda and x.get_device() == torch.cuda.current_device()
+            and x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 == 0
+            and _launch.direct_launch_supported()
+            and all(t.is_cuda and t.is_floating_point() for t in params)
+            and params[0].dtype == torch.float32 and dense_and_aligned(params)
+            and cuda_dwconv.supports_input(x.device, cdt, x.shape[1], x.numel()))
+
+
+def complete_or_none(make: Callable[[], Any]) -> Any:
+    """The plan `make` builds, or None where a kernel cannot be built or compiled for
+    direct calls (`plan.complete` false)."""
     try:
-        plan = ForwardPlan(x, params, eps, cdt, keep, emit)
+        plan = make()
     except cuda_dwconv.KernelUnavailable:
         return None
     return plan if plan.complete else None

@@ -1,12 +1,13 @@
-"""The block forward plans (`convnext_backbone.ops.forward_plan`) and the launch objects
-they call.
+"""The block forward and backward plans (`convnext_backbone.ops.forward_plan`,
+`backward_plan`) and the launch objects they call.
 
 CPU (CI): a compiled Triton launch and a CUDA-kernel launch pass exactly the parameters
 they are given (the driver and Triton's launcher mocked), per thread; plans are refused
-where they do not apply. GPU (`pytest -m gpu` on the device): a plan's outputs (and, when
-training, what it keeps for backward) are bit for bit the general code's, for every kind
-of block and dtype setting; the whole model's eager inference and training step too; and
-arguments a plan was not made for fall back.
+where they do not apply; the plan cache keeps a bounded number of signatures. GPU
+(`pytest -m gpu` on the device): a forward plan's outputs (and, when training, what it
+keeps for backward) and a backward plan's gradients are bit for bit the general code's,
+for every kind of block and dtype setting; the whole model's eager inference and training
+step too; and arguments a plan was not made for fall back.
 """
 from __future__ import annotations
 
@@ -105,6 +106,32 @@ def test_no_plan_for_cpu_tensors_or_full_precision():
     for keep in (False, True):
         assert forward_plan.plan_for(x, None, params, 1e-6, torch.bfloat16, keep, False) is None
         assert forward_plan.plan_for(x, None, params, 1e-6, torch.float32, keep, False) is None
+
+
+def test_no_backward_plan_for_cpu_tensors_or_full_precision():
+    from convnext_backbone.ops import backward_plan
+
+    c = 16
+    x = torch.zeros(2, c, 8, 8).contiguous(memory_format=torch.channels_last)
+    params = (torch.zeros(c, 1, 7, 7), torch.zeros(c), torch.ones(c), torch.zeros(c),
+              torch.zeros(4 * c, c), torch.zeros(c, 4 * c), torch.zeros(c), torch.ones(c))
+    for cdt in (torch.bfloat16, torch.float32):
+        y = torch.zeros(2 * 8 * 8, c, dtype=cdt)
+        xc = x.to(cdt)
+        assert backward_plan.plan_for(x, xc, y, params, torch.float32) is None
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    """`remember` keeps at most `_MAX_PLANS` signatures, dropping the oldest (refusals are
+    remembered too: a signature is judged once)."""
+    from convnext_backbone.ops import forward_plan
+
+    monkeypatch.setattr(forward_plan, "_MAX_PLANS", 3)
+    plans = {}
+    for k in range(5):
+        assert forward_plan.remember(plans, (k,), None if k == 2 else f"plan{k}") == (
+            None if k == 2 else f"plan{k}")
+    assert plans == {(2,): None, (3,): "plan3", (4,): "plan4"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -207,6 +234,92 @@ def test_gpu_plan_refuses_arguments_it_was_not_made_for(monkeypatch):
         assert plan(x, None, params) is None
 
 
+# Backward: the forward settings, and a stage's first block under autocast (its input is
+# the downsampling conv's bf16 output; it returns the fp32 residual stream).
+BACKWARD_SETTINGS = SETTINGS + [(torch.bfloat16, torch.float32, torch.bfloat16, True)]
+
+
+def _backward_args(c: int, setting, channels_last_dout: bool = True):
+    """(dout, x, y, h, mean, rstd, params, dx dtype) of `_block_bwd_impl` from a training
+    forward (`x`: the saved conv input, in the compute dtype; `params`: its order)."""
+    from convnext_backbone.ops import block as fused_block
+
+    x_dtype, param_dtype, cdt, autocast = setting
+    x, _, params = _block_args(c, x_dtype, param_dtype, cdt, with_lp=False)
+    with torch.no_grad(), torch.autocast("cuda", cdt, enabled=autocast):
+        out, y, h, mean, rstd, xs, _ = fused_block._block_fwd_impl(
+            x, None, *params, 1e-6, cdt, fused_block.CONV_CUDA, True, False)
+    dout = torch.randn_like(out)
+    if not channels_last_dout:
+        dout = dout.contiguous()
+    dw, dw_b, lnw, lnb, w1, _b1, w2, b2, gamma = params
+    return (dout, xs if xs.numel() else x, y, h, mean, rstd,
+            (dw, dw_b, lnw, lnb, w1, w2, b2, gamma), x_dtype)
+
+
+@gpu
+@pytest.mark.parametrize("c", [96, 192, 384, 768])
+@pytest.mark.parametrize("setting", BACKWARD_SETTINGS,
+                         ids=["bf16-autocast", "bf16-model", "fp16-autocast", "first-block"])
+def test_gpu_backward_plan_matches_the_general_code(monkeypatch, c, setting):
+    """Same kernels on the same arguments: every gradient equal bit for bit, in the same
+    dtype and shape (the GELU backward forming dout^T gelu(h) up to C=256, cuBLAS's
+    product above), also for an incoming gradient that is not channels_last."""
+    from convnext_backbone.ops import backward_plan
+    from convnext_backbone.ops import block as fused_block
+
+    for channels_last_dout in (True, False):
+        dout, x, y, h, mean, rstd, params, dx_dtype = _backward_args(c, setting,
+                                                                     channels_last_dout)
+        args = (dout, x, y, h, mean, rstd, *params, fused_block.CONV_CUDA, dx_dtype)
+        with torch.autocast("cuda", setting[2], enabled=setting[3]):
+            plan = backward_plan.plan_for(dout, x, y, params, dx_dtype)
+            assert plan is not None and plan.with_m == (c <= 256)
+            got = plan(dout, x, y, h, mean, rstd, params)
+            through_impl = fused_block._block_bwd_impl(*args)  # takes the plan
+            with monkeypatch.context() as patch:
+                patch.setattr(backward_plan, "plan_for", lambda *a: None)
+                want = fused_block._block_bwd_impl(*args)  # the general code
+        assert got is not None and len(got) == len(want) == 10
+        names = ["x", "dw_weight", "dw_bias", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2",
+                 "gamma"]
+        for name, a, b, c_ in zip(names, got, want, through_impl):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+            assert torch.equal(c_, b), name
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[0].dtype == dx_dtype
+
+
+@gpu
+def test_gpu_backward_plan_refuses_arguments_it_was_not_made_for(monkeypatch):
+    from convnext_backbone.ops import backward_plan
+
+    dout, x, y, h, mean, rstd, params, dx_dtype = _backward_args(96, SETTINGS[0])
+    plan = backward_plan.plan_for(dout, x, y, params, dx_dtype)
+    assert plan(dout, x, y, h, mean, rstd, params) is not None
+
+    def shifted(t):  # t's values 2 bytes off 16-byte alignment, its memory format kept
+        buf = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
+        n, c, hh, ww = t.shape
+        out = buf[1:].view(n, hh, ww, c).permute(0, 3, 1, 2)
+        out.copy_(t)
+        return out
+
+    assert plan(shifted(dout), x, y, h, mean, rstd, params) is None
+    assert plan(dout, shifted(x), y, h, mean, rstd, params) is None
+    assert plan(dout, x.contiguous(), y, h, mean, rstd, params) is None  # not channels_last
+    w1 = params[4].t().contiguous().t()  # not contiguous
+    assert plan(dout, x, y, h, mean, rstd, params[:4] + (w1,) + params[5:]) is None
+    with torch.autocast("cuda", torch.float16):  # cuBLAS would cast to another dtype
+        assert plan(dout, x, y, h, mean, rstd, params) is None
+    # Signatures without a plan: a full-precision saved input, bf16 conv taps.
+    assert backward_plan.plan_for(dout, x.float(), y, params, dx_dtype) is None
+    taps = params[0].to(torch.bfloat16)
+    assert backward_plan.plan_for(dout, x, y, (taps,) + params[1:], dx_dtype) is None
+    monkeypatch.setattr(_launch, "_hooks_set", lambda: True)
+    assert plan(dout, x, y, h, mean, rstd, params) is None
+
+
 def _tiny_t(device):
     torch.manual_seed(0)
     cfg = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[2, 2, 3, 2],
@@ -224,18 +337,22 @@ def _tiny_t(device):
 def test_gpu_model_with_plans_equals_without(monkeypatch):
     """The whole backbone, bf16 autocast: eager inference and a training step with plans
     on and off (every block through the general code): the same features bit for bit,
-    the same gradients; plans were really used (9 blocks a forward)."""
-    from convnext_backbone.ops import forward_plan
+    the same gradients; plans were really used (9 blocks a forward, 9 a backward)."""
+    from convnext_backbone.ops import backward_plan, forward_plan
 
     m = _tiny_t("cuda")
     x = torch.randn(2, 3, 160, 192, device="cuda").contiguous(memory_format=torch.channels_last)
-    used = []
-    real_call = forward_plan.ForwardPlan.__call__
+    used, used_backward = [], []
 
-    def counting(self, *args):
-        result = real_call(self, *args)
-        used.append(result is not None)
-        return result
+    def counting(plan_class, calls):
+        real_call = plan_class.__call__
+
+        def call(self, *args):
+            result = real_call(self, *args)
+            calls.append(result is not None)
+            return result
+
+        monkeypatch.setattr(plan_class, "__call__", call)
 
     def run():
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
@@ -247,10 +364,13 @@ def test_gpu_model_with_plans_equals_without(monkeypatch):
         m.zero_grad(set_to_none=True)
         return feats, [f.detach() for f in train_feats], grads
 
-    monkeypatch.setattr(forward_plan.ForwardPlan, "__call__", counting)
+    counting(forward_plan.ForwardPlan, used)
+    counting(backward_plan.BackwardPlan, used_backward)
     with_plans = run()
     assert len(used) == 18 and all(used)
+    assert len(used_backward) == 9 and all(used_backward)
     monkeypatch.setattr(forward_plan, "plan_for", lambda *args: None)
+    monkeypatch.setattr(backward_plan, "plan_for", lambda *args: None)
     without = run()
     for a, b in zip(with_plans[0] + with_plans[1], without[0] + without[1]):
         assert torch.equal(a, b)
