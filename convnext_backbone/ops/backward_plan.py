@@ -48,14 +48,18 @@ class BackwardPlan:
         p, hid = n * hh * ww, 4 * c
         device = x.device
         self.shape, self.strides = (n, c, hh, ww), (hh * ww * c, 1, ww * c, c)  # channels_last
-        self.p, self.c, self.cdt, self.dx_dtype, self.device = p, c, cdt, dx_dtype, device
+        self.p, self.c, self.hid, self.cdt, self.dx_dtype = p, c, hid, cdt, dx_dtype
+        self.device = device
         launches = []
-        # The partial column sums of one backward, as `_kernels.ColumnSums` lays them out:
-        # dout's (C: b2's and gamma's gradients), dh's (4C: b1's), the LayerNorm's (3C:
-        # its weight's, its bias's and its input's, the conv bias's gradient).
-        self.sum_rows, width = _kernels.ColumnSums.rows(p, c, device), 8 * c
-        self.sum_width = width
+        # The partial column sums of one backward, in bands as `_block_bwd_impl` lays out
+        # its `_kernels.ColumnSums`: dout's (C: b2's and gamma's gradients), dh's (4C:
+        # b1's), the LayerNorm's (3C: its weight's, its bias's and its input's, the conv
+        # bias's gradient); each kernel is given its band's address.
         f32 = torch.float32
+        widths = (c, hid, 3 * c)
+        self.sum_rows, width = _kernels.ColumnSums.rows(p, c, device), sum(widths)
+        self.sum_width = width
+        self.band_bytes = (0, widths[0] * f32.itemsize, (widths[0] + widths[1]) * f32.itemsize)
         # dout in cdt with its column sums, one pass.
         self.cast_dout = dout.dtype != cdt
         grid, meta, tiles = _kernels.cast_colsum_launch(p, c, device, self.cast_dout)
@@ -70,9 +74,9 @@ class BackwardPlan:
         starts, self.cast_total = _kernels.cast_layout(sizes, cdt)
         self.w1_start = starts[-1]
         grid, meta = _kernels.cast_launch(sizes, True, -1, 0)
-        slots = [w2, cdt, sizes[0]] + ([w1, cdt, sizes[1]] if self.cast_w1 else [])
-        slots += [cdt, cdt, 0] * (_kernels._CAST_SLOTS - len(sizes))
         self.unused_cast_slots = _kernels._CAST_SLOTS - len(sizes)
+        slots = [w2, cdt, sizes[0]] + ([w1, cdt, sizes[1]] if self.cast_w1 else [])
+        slots += [cdt, cdt, 0] * self.unused_cast_slots
         self.cast = _kernels._cast_params_kernel.compiled(grid, (*slots, gamma, hid), meta)
         launches.append(self.cast)
         # The GELU backward, forming dout^T gelu(h) itself up to C = 256 (`_block_bwd_impl`).
@@ -132,16 +136,17 @@ class BackwardPlan:
             dout = dout.contiguous(memory_format=torch.channels_last)  # as _nhwc(dout)
         if dout.data_ptr() % 16:
             return None
-        hid = 4 * c
+        hid = self.hid
         stream = torch._C._cuda_getCurrentRawStream(device.index)
         ptr = [t.data_ptr() for t in params]
         sums = torch.empty((self.sum_rows, self.sum_width), device=device, dtype=torch.float32)
         sp = sums.data_ptr()
+        band_dout, band_dh, band_ln = (sp + offset for offset in self.band_bytes)
         dop = dout.data_ptr()
         do_c = (torch.empty((p, c), device=device, dtype=cdt) if self.cast_dout
                 else dout.permute(0, 2, 3, 1).view(p, c))
         docp = do_c.data_ptr()
-        self.colsum(stream, dop, docp, sp, *self.colsum_ints)
+        self.colsum(stream, dop, docp, band_dout, *self.colsum_ints)
         flat = torch.empty((self.cast_total,), device=device, dtype=cdt)
         base = flat.data_ptr()
         w1c_ptr = base + self.w1_start * cdt.itemsize
@@ -152,16 +157,15 @@ class BackwardPlan:
         dg = torch.mm(do_c, w2g)  # (P, 4C)
         dh = torch.empty((p, hid), device=device, dtype=cdt)
         dhp = dh.data_ptr()
-        band1 = sp + 4 * c  # dh's partial sums: columns C..5C
         if self.with_m:
             m = torch.empty((self.m_slices, c, hid), device=device, dtype=torch.float32)
-            self.gelu(stream, dg.data_ptr(), h.data_ptr(), dhp, dhp, band1, self.sum_width,
+            self.gelu(stream, dg.data_ptr(), h.data_ptr(), dhp, dhp, band_dh, self.sum_width,
                       self.sum_rows, docp, m.data_ptr(), *self.gelu_ints)
         else:
             g = torch.empty((p, hid), device=device, dtype=cdt)
             hp = h.data_ptr()
-            self.gelu(stream, dg.data_ptr(), hp, dhp, g.data_ptr(), band1, self.sum_width,
-                      self.sum_rows, hp, band1, *self.gelu_ints)
+            self.gelu(stream, dg.data_ptr(), hp, dhp, g.data_ptr(), band_dh, self.sum_width,
+                      self.sum_rows, hp, band_dh, *self.gelu_ints)
             m = torch.mm(do_c.t(), g)  # (C, 4C)
             del g
         del dg
@@ -170,8 +174,8 @@ class BackwardPlan:
         xn = torch.empty((p, c), device=device, dtype=cdt)
         dyp = dy.data_ptr()
         self.ln(stream, y.data_ptr(), ptr[_DW_B], dxn.data_ptr(), mean.data_ptr(),
-                rstd.data_ptr(), ptr[_LN_W], ptr[_LN_B], dyp, xn.data_ptr(), sp + 20 * c,
-                *self.ln_ints)  # the LayerNorm's partial sums: columns 5C..8C
+                rstd.data_ptr(), ptr[_LN_W], ptr[_LN_B], dyp, xn.data_ptr(), band_ln,
+                *self.ln_ints)
         del dxn
         s = torch.empty((self.sum_width,), device=device, dtype=torch.float32)
         self.colsums(stream, sp, s.data_ptr(), *self.colsums_ints)
